@@ -1,0 +1,9 @@
+"""jft: JAX fine-tuning for open LLMs (LoRA/QLoRA, GRPO, export to PEFT / safetensors / GGUF)."""
+
+from jft.config import Config, ConfigError
+from jft.convert.safetensors_io import CheckpointError
+import jft.convert as convert  # noqa: F401
+from jft.model import Generation, Model, forward, generate, load
+
+__all__ = ["Config", "ConfigError", "CheckpointError", "Generation", "Model", "forward", "generate", "load"]
+__version__ = "0.1.0"

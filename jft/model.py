@@ -1,0 +1,181 @@
+"""The user-facing model handle and the functions that take it: load, forward, generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.config import Config, load_config
+from jft.convert import hf
+from jft.nn import generate as gen
+from jft.nn import transformer
+
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static config, params pytree, tokenizer (or None), and where it came from."""
+
+    config: Config
+    params: dict
+    tokenizer: Any = None
+    path: str | None = None
+    hf_config: dict = dataclasses.field(default_factory=dict)
+    max_seq_length: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the params take (quantized leaves at their packed size)."""
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, vocab={c.vocab_size}, "
+                f"params={self.nbytes / 2**30:.2f} GiB, path={self.path!r})")
+
+
+def resolve_path(path_or_id: str | os.PathLike) -> str:
+    """A local model directory, downloading a hub id with huggingface_hub when it is not local."""
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=_HUB_FILES)
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise OSError(f"could not get {path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      "If you are offline, pass a local directory instead.") from e
+
+
+def _load_tokenizer(path: str):
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_length: int | None = None,
+         tokenizer: bool = True, progress: bool = True) -> Model:
+    """Loads an HF checkpoint (local dir or hub id) into a `Model`.
+
+    dtype: the dtype of dense params and of activations. quantize: None, "nf4" or "fp8" (frozen
+    linear weights are quantized on load, tensor by tensor).
+    """
+    path = resolve_path(path_or_id)
+    config, raw = load_config(path)
+    quantizer = None
+    if quantize is not None:
+        from jft import quant
+
+        quantizer = quant.loader(quantize, dtype=jnp.dtype(dtype))
+    params = hf.load_params(path, config, dtype=jnp.dtype(dtype), quantize=quantizer, progress=progress)
+    tok = _load_tokenizer(path) if tokenizer else None
+    return Model(config, params, tok, path, raw, max_seq_length)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl"))
+def _forward(config, params, input_ids, positions, segment_ids, lora, attn_impl="xla"):
+    return transformer.forward(config, params, input_ids, positions, segment_ids, lora=lora, attn_impl=attn_impl)
+
+
+def forward(model: Model, input_ids, *, lora=None, positions=None, segment_ids=None, attention_mask=None):
+    """Logits [B, T, V] (fp32). `attention_mask` (1 real / 0 pad) is a shortcut for padded batches:
+    pads get segment 0 and positions count real tokens only, as transformers' generate does."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if attention_mask is not None:
+        mask = jnp.asarray(attention_mask, jnp.int32)
+        segment_ids = mask if segment_ids is None else segment_ids
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) if positions is None else positions
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(input_ids)
+    return _forward(model.config, model.params, input_ids, jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32), lora)
+
+
+@dataclasses.dataclass
+class Generation:
+    """What `generate` returns: decoded texts and the new token ids (EOS excluded), one per prompt."""
+
+    text: list[str]
+    ids: list[list[int]]
+
+
+def _eos_ids(model: Model) -> tuple[int, ...]:
+    ids = set(model.config.eos_token_ids)
+    tok = model.tokenizer
+    if tok is not None and tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    gen_cfg = os.path.join(model.path or "", "generation_config.json")
+    if model.path and os.path.isfile(gen_cfg):
+        import json
+
+        with open(gen_cfg) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    return tuple(sorted(ids))
+
+
+def _pad_id(model: Model) -> int:
+    tok = model.tokenizer
+    if tok is not None and tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    if model.config.pad_token_id is not None:
+        return int(model.config.pad_token_id)
+    return 0
+
+
+def _as_token_lists(model: Model, prompts) -> list[list[int]]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if prompts and isinstance(prompts[0], str):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids instead of strings")
+        return [model.tokenizer(p)["input_ids"] for p in prompts]
+    return [[int(t) for t in p] for p in prompts]
+
+
+def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None, seed: int = 0, lora=None,
+             eos_token_ids: tuple[int, ...] | None = None) -> Generation:
+    """Generates for a batch of prompts (strings or token-id lists). temperature 0 is greedy.
+
+    Generation of a row ends at an EOS token; texts are also cut at the first `stop` string.
+    """
+    seqs = _as_token_lists(model, prompts)
+    pad = _pad_id(model)
+    ids, mask = gen.left_pad(seqs, pad)
+    eos = tuple(eos_token_ids) if eos_token_ids is not None else _eos_ids(model)
+    out, lengths = gen.generate_ids(
+        model.config, model.params, lora, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        min_p=float(min_p), eos_ids=eos, pad_id=pad)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    new_ids = []
+    for row, n in zip(out, lengths):
+        toks = row[:n].tolist()
+        if toks and toks[-1] in eos:
+            toks = toks[:-1]
+        new_ids.append(toks)
+    texts = [model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer is not None else "" for t in new_ids]
+    if stop:
+        texts = [_cut_at_stop(t, stop) for t in texts]
+    return Generation(texts, new_ids)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text

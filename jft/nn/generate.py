@@ -1,0 +1,108 @@
+"""Batched generation with a KV cache: one prefill, then a jitted decode loop (`lax.while_loop`).
+
+Prompts are left-padded into a bucketed length so a session compiles a handful of shapes. Padding
+tokens get segment 0 and real tokens segment 1, so no real token ever attends to padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.config import Config
+from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
+
+
+def filter_logits(logits, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Masks logits [B, V] outside top-k / nucleus top-p / min-p to -inf (temperature already applied)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold included)
+        keep = cumulative - jax.nn.softmax(sorted_logits, axis=-1) < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if min_p > 0.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
+
+
+def sample(logits, key, *, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Greedy when temperature == 0, else a draw from the filtered tempered softmax. Returns int32 [B]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id"))
+def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+    """Left-padded prompts [B, T] -> (new tokens [B, N] padded with pad_id after EOS, lengths [B]).
+
+    Lengths count the tokens generated up to and including the first EOS.
+    """
+    b, t = prompt_ids.shape
+    dtype = params["embed"].dtype
+    mask = prompt_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = init_cache(config, b, t + max_new_tokens, dtype)
+    hidden, cache = forward_hidden(config, params, prompt_ids, positions, mask, lora=lora, cache=cache)
+    last_logits = logits_from_hidden(config, params, hidden[:, -1:], lora)[:, 0]
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def pick(logits, key):
+        return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+    key, sub = jax.random.split(key)
+    first = pick(last_logits, sub)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+    lengths = jnp.ones((b,), jnp.int32)
+    next_pos = positions[:, -1] + 1
+
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def step(state):
+        i, out, cache, done, lengths, pos, key = state
+        token = out[:, i - 1]
+        hidden, cache = forward_hidden(config, params, token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), lora=lora, cache=cache)
+        logits = logits_from_hidden(config, params, hidden, lora)[:, 0]
+        key, sub = jax.random.split(key)
+        new = jnp.where(done, pad_id, pick(logits, sub))
+        out = out.at[:, i].set(new)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(new, eos)
+        return i + 1, out, cache, done, lengths, pos + 1, key
+
+    state = (jnp.asarray(1, jnp.int32), out, cache, done, lengths, next_pos, key)
+    _, out, _, _, lengths, _, _ = jax.lax.while_loop(cond, step, state)
+    return out, lengths
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= max(n, minimum): prompt lengths compile to few shapes."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists into ids [B, length] and a mask (1 real, 0 pad)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt must have at least one token")
+    length = length or bucket(max(len(s) for s in sequences))
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, s in enumerate(sequences):
+        ids[row, length - len(s) :] = s
+        mask[row, length - len(s) :] = 1
+    return ids, mask

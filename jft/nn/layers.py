@@ -1,0 +1,97 @@
+"""Small pure building blocks of the decoder: norms, projections, rotary embeddings, MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.config import Config, Rope
+
+
+def rms_norm(x, w, eps: float, offset: float = 0.0):
+    """RMSNorm in fp32, scaled by (offset + w); Gemma stores w and applies (1 + w)."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (normed * (offset + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def dense(w, dtype):
+    """A weight as a dense array of `dtype`, dequantizing quantized leaves."""
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype)
+    return w.astype(dtype)
+
+
+def linear(x, w, lora=None, bias=None, *, lora_scale: float = 1.0, lora_dropout_key=None, lora_dropout: float = 0.0):
+    """y = x @ w.T (+ bias) (+ scale * dropout(x) @ A.T @ B.T); w is [out, in], dense or quantized."""
+    y = jnp.einsum("...i,oi->...o", x, dense(w, x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    if lora is not None:
+        xl = x
+        if lora_dropout_key is not None and lora_dropout > 0.0:
+            keep = jax.random.bernoulli(lora_dropout_key, 1.0 - lora_dropout, x.shape)
+            xl = jnp.where(keep, x / (1.0 - lora_dropout), 0).astype(x.dtype)
+        a, b = lora["a"].astype(x.dtype), lora["b"].astype(x.dtype)
+        y = y + (jnp.einsum("...i,ri->...r", xl, a) @ b.T) * jnp.asarray(lora_scale, x.dtype)
+    return y
+
+
+def activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_tanh":
+        return lambda g: jax.nn.gelu(g, approximate=True)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# --- rotary embeddings -------------------------------------------------------------------------
+
+
+def inv_frequencies(rope: Rope, rotary_dim: int) -> np.ndarray:
+    """Per-pair inverse frequencies, with linear or llama3 scaling applied (fp32, numpy: static)."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
+    inv = inv.astype(np.float32)
+    if rope.kind == "linear":
+        return inv / np.float32(rope.factor)
+    if rope.kind == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(inv_freq, positions):
+    """cos/sin of shape [B, T, rotary_dim] for integer positions [B, T] (split-half layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotates the first cos.shape[-1] dims of x [B, T, H, hd] (HF's rotate_half convention)."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
+    rotated = rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return jnp.concatenate([rotated, rest], axis=-1) if rest.shape[-1] else rotated
+
+
+def softcap(x, cap: float | None):
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def embed_tokens(config: Config, embed, input_ids, dtype):
+    h = jnp.take(dense(embed, dtype), input_ids, axis=0)
+    if config.embed_scale:
+        h = h * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+    return h

@@ -1,0 +1,240 @@
+"""The decoder as pure functions over a params pytree whose layers are stacked on a leading axis.
+
+Layers run under `jax.lax.scan` (compile time does not grow with depth), each one optionally under
+`jax.checkpoint` with a named remat policy. Per-layer differences (sliding window or not, Gemma-3's
+local rope base) are scanned flags, not Python branches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.config import Config
+from jft.nn import attention as attn
+from jft.nn.layers import activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
+
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+_NO_WINDOW = np.iinfo(np.int32).max
+_EMPTY_SLOT_POSITION = np.iinfo(np.int32).max  # an empty cache slot is "in the future" of every query
+
+
+def param_shapes(config: Config) -> dict:
+    """The canonical params layout as {path: shape}; the one source of truth for init and loading."""
+    c, L = config, config.num_layers
+    layers = {
+        "attn_norm": (L, c.hidden_size),
+        "q": (L, c.q_dim, c.hidden_size),
+        "k": (L, c.kv_dim, c.hidden_size),
+        "v": (L, c.kv_dim, c.hidden_size),
+        "o": (L, c.hidden_size, c.q_dim),
+        "mlp_norm": (L, c.hidden_size),
+        "gate": (L, c.intermediate_size, c.hidden_size),
+        "up": (L, c.intermediate_size, c.hidden_size),
+        "down": (L, c.hidden_size, c.intermediate_size),
+    }
+    if c.qkv_bias:
+        layers.update(q_bias=(L, c.q_dim), k_bias=(L, c.kv_dim), v_bias=(L, c.kv_dim))
+    if c.o_bias:
+        layers["o_bias"] = (L, c.hidden_size)
+    if c.qk_norm:
+        layers.update(q_norm=(L, c.head_dim), k_norm=(L, c.head_dim))
+    if c.sandwich_norm:
+        layers.update(post_attn_norm=(L, c.hidden_size), post_mlp_norm=(L, c.hidden_size))
+    shapes = {"embed": (c.vocab_size, c.hidden_size), "final_norm": (c.hidden_size,), "layers": layers}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (c.vocab_size, c.hidden_size)
+    return shapes
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("norm")
+
+
+def init_params(config: Config, key, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random params (normal(std) matrices, unit norms) in the canonical layout."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        if is_norm(name):
+            leaves.append(jnp.full(shape, 1.0 - config.norm_offset, dtype))
+        elif name.endswith("bias"):
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((jax.random.normal(k, shape, jnp.float32) * std).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --- KV cache ----------------------------------------------------------------------------------
+
+
+def init_cache(config: Config, batch: int, length: int, dtype) -> dict:
+    kv = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(kv, dtype),
+        "v": jnp.zeros(kv, dtype),
+        "positions": jnp.full((batch, length), _EMPTY_SLOT_POSITION, jnp.int32),
+        "segments": jnp.full((batch, length), -1, jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _write_cache_metadata(cache, positions, segments):
+    i = cache["index"]
+    return {
+        **cache,
+        "positions": jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, i)),
+        "segments": jax.lax.dynamic_update_slice(cache["segments"], segments.astype(jnp.int32), (0, i)),
+        "index": i + positions.shape[1],
+    }
+
+
+# --- the decoder ---------------------------------------------------------------------------------
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": None,
+        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }
+    if policy not in policies:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def _lora_for(lora_layer, name):
+    return None if lora_layer is None else lora_layer.get(name)
+
+
+def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, sliding, rope_g, rope_l, q_meta, k_meta, cache_kv, cache_index, key):
+    """One decoder layer. q_meta/k_meta are (positions, segments); cache_kv is (k, v) or None."""
+    c = config
+    b, t, _ = x.shape
+    keys = iter(jax.random.split(key, 7)) if key is not None else None
+
+    def proj(h, name, bias=None):
+        lw = _lora_for(ll, name)
+        kw = {}
+        if lw is not None:
+            kw = dict(lora_scale=lora_cfg.scaling(name), lora_dropout=lora_cfg.dropout,
+                      lora_dropout_key=next(keys) if keys is not None else None)
+        return linear(h, lp[name], lw, bias, **kw)
+
+    h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps, c.norm_offset)
+    q = proj(h, "q", lp.get("q_bias")).reshape(b, t, c.num_heads, c.head_dim)
+    k = proj(h, "k", lp.get("k_bias")).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = proj(h, "v", lp.get("v_bias")).reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        q = rms_norm(q, lp["q_norm"], c.rms_norm_eps, c.norm_offset)
+        k = rms_norm(k, lp["k_norm"], c.rms_norm_eps, c.norm_offset)
+    cos, sin = rope_g
+    if rope_l is not None:
+        cos, sin = jnp.where(sliding, rope_l[0], cos), jnp.where(sliding, rope_l[1], sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    new_kv = None
+    if cache_kv is not None:
+        ck = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
+        new_kv, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
+    window = None
+    if c.sliding_window is not None:
+        window = jnp.where(sliding, c.sliding_window, _NO_WINDOW)
+    mask = attn.attention_mask(q_meta[0], k_meta[0], q_meta[1], k_meta[1], window)
+    o = attn.attend(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap, implementation=attn_impl)
+    o = proj(o.reshape(b, t, c.q_dim), "o", lp.get("o_bias"))
+    if c.sandwich_norm:
+        o = rms_norm(o, lp["post_attn_norm"], c.rms_norm_eps, c.norm_offset)
+    x = x + o
+
+    h = rms_norm(x, lp["mlp_norm"], c.rms_norm_eps, c.norm_offset)
+    h = activation(c.activation)(proj(h, "gate")) * proj(h, "up")
+    h = proj(h, "down")
+    if c.sandwich_norm:
+        h = rms_norm(h, lp["post_mlp_norm"], c.rms_norm_eps, c.norm_offset)
+    return x + h, new_kv
+
+
+def _rope_for(config: Config, positions):
+    rope_g = rope_tables(inv_frequencies(config.rope, config.rotary_dims), positions)
+    rope_l = None
+    if config.local_rope is not None:
+        rope_l = rope_tables(inv_frequencies(config.local_rope, config.rotary_dims), positions)
+    return rope_g, rope_l
+
+
+def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *, lora=None, cache=None,
+                   dropout_key=None, remat: str = "none", attn_impl: str = "xla", dtype=None):
+    """Runs the decoder. Returns (final-normed hidden [B, T, D], updated cache or None).
+
+    positions/segment_ids: int [B, T]. Tokens attend only within their segment (0 = padding).
+    With a cache, new keys are written at cache["index"] and queries see every filled slot.
+    """
+    c = config
+    dtype = dtype or _compute_dtype(params)
+    lora_weights = None if lora is None else lora.weights
+    embed = lora_weights["embed"] if lora_weights is not None and "embed" in lora_weights else params["embed"]
+    x = embed_tokens(c, embed, input_ids, dtype)
+    rope_g, rope_l = _rope_for(c, positions)
+    q_meta = (positions, segment_ids)
+
+    cache_index = None
+    if cache is not None:
+        cache_index = cache["index"]
+        cache = _write_cache_metadata(cache, positions, segment_ids)
+        k_meta = (cache["positions"], cache["segments"])
+    else:
+        k_meta = q_meta
+
+    lora_cfg = None if lora is None else lora.config
+    layer_lora = None if lora_weights is None else lora_weights.get("layers")
+    sliding = jnp.asarray(c.sliding_layers or (False,) * c.num_layers)
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.num_layers)
+
+    def body(x, xs):
+        lp, ll, sl, kv, key = xs
+        x, new_kv = _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, sl, rope_g, rope_l, q_meta, k_meta, kv, cache_index, key)
+        return x, new_kv
+
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x, new_kv = jax.lax.scan(_remat(body, remat), x, (params["layers"], layer_lora, sliding, kv, layer_keys))
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_offset)
+    if cache is not None:
+        cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
+    return x, cache
+
+
+def output_weight(config: Config, params, lora=None):
+    """The [V, D] output projection: lm_head, or the (possibly trained) embedding when tied."""
+    weights = {} if lora is None else lora.weights
+    if config.tie_embeddings:
+        return weights.get("embed", params["embed"])
+    return weights.get("lm_head", params["lm_head"])
+
+
+def logits_from_hidden(config: Config, params, hidden, lora=None):
+    w = dense(output_weight(config, params, lora), hidden.dtype)
+    logits = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+    return softcap(logits, config.final_logit_softcap)
+
+
+def forward(config: Config, params, input_ids, positions=None, segment_ids=None, *, lora=None, attn_impl: str = "xla"):
+    """Logits [B, T, V] in fp32. Default positions 0..T-1 and one segment per row."""
+    input_ids = jnp.asarray(input_ids)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
+    hidden, _ = forward_hidden(config, params, input_ids, positions, segment_ids, lora=lora, attn_impl=attn_impl)
+    return logits_from_hidden(config, params, hidden, lora)
+
+
+def _compute_dtype(params):
+    """The dtype activations run in: the embedding's (quantized leaves report their target dtype)."""
+    return params["embed"].dtype

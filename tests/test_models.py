@@ -1,0 +1,159 @@
+"""The decoder against transformers: logits, greedy generation, checkpoint round trips, bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import jft
+from tests.tiny_models import FAMILIES, WINDOW, save_hf_model
+
+SEQ = 3 * WINDOW + 5  # longer than the sliding window
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model = save_hf_model(request.param, path)
+    return request.param, hf_model, jft.load(str(path), dtype="float32")
+
+
+def _hf_logits(hf_model, ids, mask=None, positions=None):
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+                       position_ids=None if positions is None else torch.tensor(positions))
+    return out.logits.numpy()
+
+
+def test_logits_match_transformers(family_model):
+    family, hf_model, model = family_model
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(2, SEQ))
+    ours = np.asarray(jft.forward(model, ids))
+    np.testing.assert_allclose(ours, _hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+
+
+def test_logits_match_transformers_with_left_padding(family_model):
+    family, hf_model, model = family_model
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, model.config.vocab_size, size=(2, SEQ))
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    ours = np.asarray(jft.forward(model, ids, attention_mask=mask))
+    theirs = _hf_logits(hf_model, ids, mask, positions)
+    np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(family_model):
+    family, hf_model, model = family_model
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in (5, 11, 8)]
+    new = 24
+    ours = jft.generate(model, prompts, max_new_tokens=new, eos_token_ids=())
+    for prompt, got in zip(prompts, ours.ids):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
+
+
+def test_batched_generation_equals_single_prompt_generation(family_model):
+    _, _, model = family_model
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in (4, 9)]
+    batched = jft.generate(model, prompts, max_new_tokens=12, eos_token_ids=()).ids
+    singles = [jft.generate(model, [p], max_new_tokens=12, eos_token_ids=()).ids[0] for p in prompts]
+    assert batched == singles
+
+
+def test_save_then_load_is_bit_identical(family_model, tmp_path):
+    _, _, model = family_model
+    jft.convert.save_pretrained(model, tmp_path / "saved")
+    again = jft.load(str(tmp_path / "saved"), dtype="float32")
+    flat_a = jax_leaves(model.params)
+    flat_b = jax_leaves(again.params)
+    assert len(flat_a) == len(flat_b)
+    for a, b in zip(flat_a, flat_b):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture()
+def llama_dir(tmp_path):
+    save_hf_model("llama", tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_tensor_names_file_and_tensor(llama_dir):
+    from jft.convert.safetensors_io import SafetensorsFile, save_file
+
+    f = SafetensorsFile(llama_dir / "model.safetensors")
+    tensors = {k: np.array(f[k]) for k in f.keys() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(tensors, llama_dir / "model.safetensors")
+    with pytest.raises(jft.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        jft.load(str(llama_dir))
+
+
+def test_wrong_shape_names_file_and_tensor(llama_dir):
+    from jft.convert.safetensors_io import SafetensorsFile, save_file
+
+    f = SafetensorsFile(llama_dir / "model.safetensors")
+    tensors = {k: np.array(f[k]) for k in f.keys()}
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:-1]
+    save_file(tensors, llama_dir / "model.safetensors")
+    with pytest.raises(jft.CheckpointError, match=r"model\.safetensors.*k_proj\.weight.*shape"):
+        jft.load(str(llama_dir))
+
+
+def test_truncated_file_is_reported(llama_dir):
+    path = llama_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(jft.CheckpointError, match=r"model\.safetensors.*truncated"):
+        jft.load(str(llama_dir))
+
+
+def test_unknown_model_type_is_reported(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(jft.ConfigError, match="mamba"):
+        jft.load(str(llama_dir))
+
+
+def test_missing_directory_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        jft.load(str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="Hugging Face hub"):
+        jft.load("some-org/some-model-that-is-not-cached")
+
+
+def test_old_rope_theta_config_layout_is_read(tmp_path):
+    from jft.config import config_from_hf
+
+    old = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    new = {**old, "rope_parameters": {"rope_theta": 500000.0, **old["rope_scaling"]}}
+    del new["rope_theta"], new["rope_scaling"]
+    assert config_from_hf(old).rope == config_from_hf(new).rope
+    assert config_from_hf(old).rope.kind == "llama3" and config_from_hf(old).rope.theta == 500000.0
+
+
+def test_sharded_checkpoint_loads_like_single_file(llama_dir, tmp_path):
+    model = jft.load(str(llama_dir), dtype="float32")
+    jft.convert.save_pretrained(model, tmp_path / "sharded", max_shard_size=20_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    again = jft.load(str(tmp_path / "sharded"), dtype="float32")
+    for a, b in zip(jax_leaves(model.params), jax_leaves(again.params)):
+        assert np.array_equal(a, b)

@@ -1,0 +1,61 @@
+"""Tiny random transformers models of every supported family, saved to disk for parity tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+WINDOW = 8  # sliding window small enough for test sequences to go beyond it
+
+_COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+_EXTRA = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": dict(),
+    "qwen3": dict(),
+    "gemma": dict(),
+    "gemma2": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   query_pre_attn_scalar=24, attn_logit_softcapping=1.5, final_logit_softcapping=2.0),
+    "gemma3_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        query_pre_attn_scalar=24, rope_parameters={
+                            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+}
+
+_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised fp32 transformers model (every weight random, biases and norms too)."""
+    config_cls, model_cls = _CLASSES[family]
+    config = config_cls(**{**_COMMON, **_EXTRA[family], **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if family.startswith("gemma") else 1.0))
+            else:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def save_hf_model(family: str, path, seed: int = 0, **overrides):
+    model = make_hf_model(family, seed, **overrides)
+    model.save_pretrained(path)
+    return model
