@@ -112,8 +112,10 @@ def _lora_for(lora_layer, name):
     return None if lora_layer is None else lora_layer.get(name)
 
 
-def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, sliding, rope_g, rope_l, q_meta, k_meta, cache_kv, cache_index, key):
-    """One decoder layer. q_meta/k_meta are (positions, segments); cache_kv is (k, v) or None."""
+def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on, sliding, rope_g, rope_l, q_meta, k_meta,
+                   cache_kv, cache_index, key):
+    """One decoder layer. q_meta/k_meta are (positions, segments); cache_kv is (k, v) or None;
+    lora_on is 1.0 where this layer's LoRA applies (a LoRA may target a subset of layers)."""
     c = config
     b, t, _ = x.shape
     keys = iter(jax.random.split(key, 7)) if key is not None else None
@@ -122,7 +124,7 @@ def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, sliding,
         lw = _lora_for(ll, name)
         kw = {}
         if lw is not None:
-            kw = dict(lora_scale=lora_cfg.scaling(name), lora_dropout=lora_cfg.dropout,
+            kw = dict(lora_scale=lora_cfg.scaling(name) * lora_on, lora_dropout=lora_cfg.dropout,
                       lora_dropout_key=next(keys) if keys is not None else None)
         return linear(h, lp[name], lw, bias, **kw)
 
@@ -195,15 +197,16 @@ def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *,
     lora_cfg = None if lora is None else lora.config
     layer_lora = None if lora_weights is None else lora_weights.get("layers")
     sliding = jnp.asarray(c.sliding_layers or (False,) * c.num_layers)
+    lora_on = None if lora_cfg is None else jnp.asarray(lora_cfg.layer_mask(c.num_layers))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.num_layers)
 
     def body(x, xs):
-        lp, ll, sl, kv, key = xs
-        x, new_kv = _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, sl, rope_g, rope_l, q_meta, k_meta, kv, cache_index, key)
+        lp, ll, on, sl, kv, key = xs
+        x, new_kv = _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, on, sl, rope_g, rope_l, q_meta, k_meta, kv, cache_index, key)
         return x, new_kv
 
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, new_kv = jax.lax.scan(_remat(body, remat), x, (params["layers"], layer_lora, sliding, kv, layer_keys))
+    x, new_kv = jax.lax.scan(_remat(body, remat), x, (params["layers"], layer_lora, lora_on, sliding, kv, layer_keys))
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_offset)
     if cache is not None:
         cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
