@@ -3,6 +3,9 @@
 from jft.config import Config, ConfigError
 from jft.convert.safetensors_io import CheckpointError
 import jft.convert as convert  # noqa: F401
+import jft.data as data  # noqa: F401
+import jft.lora as lora  # noqa: F401
+import jft.train as train  # noqa: F401
 from jft.model import Generation, Model, forward, generate, load
 
 __all__ = ["Config", "ConfigError", "CheckpointError", "Generation", "Model", "forward", "generate", "load"]

@@ -22,6 +22,84 @@ def _generate(args) -> int:
     return 0
 
 
+_TRAIN_DEFAULTS = dict(quantize=None, dtype="bfloat16", r=16, alpha=16.0, dropout=0.0, targets="all-linear",
+                       use_rslora=False, train_embeddings=False, steps=None, epochs=None, lr=2e-4, embedding_lr=None,
+                       batch_size=2, grad_accum=1, max_seq_length=2048, packing=False, template=None,
+                       responses_only=True, format=None, warmup_steps=0, schedule="linear", weight_decay=0.0,
+                       remat="full", eval_dataset=None, eval_every=0, checkpoint_every=0, resume=False, seed=0,
+                       split="train")
+
+
+def _train_options(args) -> dict:
+    """CLI flags over a --config YAML over the defaults."""
+    opts = dict(_TRAIN_DEFAULTS)
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        unknown = set(loaded) - set(_TRAIN_DEFAULTS) - {"model", "dataset", "out"}
+        if unknown:
+            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}")
+        opts.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config")})
+    for required in ("model", "dataset", "out"):
+        if not opts.get(required):
+            raise ValueError(f"--{required} is required (on the command line or in --config)")
+    if opts["steps"] is None and opts["epochs"] is None:
+        opts["epochs"] = 1
+    return opts
+
+
+def _train(args) -> int:
+    import jax
+
+    import jft
+
+    o = _train_options(args)
+    model = jft.load(o["model"], dtype=o["dtype"], quantize=o["quantize"])
+    print(model)
+    targets = o["targets"] if o["targets"] == "all-linear" else tuple(t.strip() for t in str(o["targets"]).split(","))
+    lora = jft.lora.init(model, r=o["r"], alpha=o["alpha"], targets=targets, dropout=o["dropout"],
+                         use_rslora=o["use_rslora"], train_embeddings=o["train_embeddings"], key=jax.random.key(o["seed"]))
+    dataset = jft.data.load(o["dataset"], split=o["split"])
+    eval_dataset = jft.data.load(o["eval_dataset"]) if o["eval_dataset"] else None
+    trainer = jft.train.SFT(
+        model, lora, learning_rate=o["lr"], embedding_learning_rate=o["embedding_lr"], weight_decay=o["weight_decay"],
+        lr_schedule=o["schedule"], warmup_steps=o["warmup_steps"], max_seq_length=o["max_seq_length"],
+        batch_size=o["batch_size"], grad_accum=o["grad_accum"], packing=o["packing"], template=o["template"],
+        responses_only=o["responses_only"], format=o["format"], remat=o["remat"], out_dir=o["out"],
+        checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"], seed=o["seed"])
+    state = trainer.fit(dataset, steps=o["steps"], epochs=o["epochs"] if o["steps"] is None else None,
+                        eval_dataset=eval_dataset, resume=o["resume"])
+    adapter = f"{o['out']}/adapter"
+    jft.convert.save_lora(model, state.lora, adapter)
+    print(f"adapter (PEFT format): {adapter}; metrics: {o['out']}/metrics.jsonl; plot: {o['out']}/loss.png")
+    return 0
+
+
+def _export(args) -> int:
+    import jft
+
+    quantize = "nf4" if args.format == "merged-4bit" else None
+    model = jft.load(args.base, dtype="float32" if args.format == "gguf" else args.dtype, quantize=quantize)
+    lora = jft.convert.load_lora(model, args.lora) if args.lora else None
+    if args.format == "lora":
+        if lora is None:
+            raise ValueError("--format lora needs --lora")
+        jft.convert.save_lora(model, lora, args.out)
+    elif args.format == "merged":
+        jft.convert.save_merged(model, lora, args.out, dtype=args.dtype)
+    elif args.format == "merged-4bit":
+        jft.convert.save_merged(model, lora, args.out, dtype=args.dtype, quantize="nf4")
+    else:
+        from jft.convert.gguf import save_gguf
+
+        save_gguf(model, lora, args.out, quant=[q.strip() for q in args.quant.split(",")])
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _demo(args) -> int:
     from jft.demo import run_demo
 
@@ -45,6 +123,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="bfloat16")
     g.add_argument("--quantize", choices=["nf4", "fp8"])
     g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train", help="supervised LoRA/QLoRA fine-tuning; writes a PEFT adapter, metrics and a loss plot")
+    t.add_argument("--config", help="a YAML file with any of the options below (flags override it)")
+    t.add_argument("--model", help="local model directory or hub id")
+    t.add_argument("--dataset", help="jsonl/json/parquet/csv file or hub dataset id")
+    t.add_argument("--out", help="output directory")
+    t.add_argument("--eval-dataset")
+    t.add_argument("--split")
+    t.add_argument("--quantize", choices=["nf4", "fp8"])
+    t.add_argument("--dtype")
+    t.add_argument("--r", type=int)
+    t.add_argument("--alpha", type=float)
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--targets", help="all-linear or a comma list of q,k,v,o,gate,up,down")
+    t.add_argument("--use-rslora", action="store_const", const=True)
+    t.add_argument("--train-embeddings", action="store_const", const=True)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--embedding-lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--max-seq-length", type=int)
+    t.add_argument("--packing", action="store_const", const=True)
+    t.add_argument("--template", help="chat template name (chatml, llama-3, ...) for base models")
+    t.add_argument("--format", help="dataset format (alpaca, sharegpt, messages, prompt_completion, text, ...)")
+    t.add_argument("--responses-only", dest="responses_only", action="store_const", const=True)
+    t.add_argument("--no-responses-only", dest="responses_only", action="store_const", const=False)
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--schedule", choices=["linear", "cosine", "constant"])
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--remat", choices=["none", "full", "save_dots", "offload"])
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--resume", action="store_const", const=True)
+    t.add_argument("--seed", type=int)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="write a trained adapter as PEFT, merged safetensors, bnb-4bit or GGUF")
+    e.add_argument("--base", required=True, help="the base model (local dir or hub id)")
+    e.add_argument("--lora", help="a PEFT adapter directory")
+    e.add_argument("--format", required=True, choices=["lora", "merged", "merged-4bit", "gguf"])
+    e.add_argument("--quant", default="q8_0", help="GGUF quant types, comma separated (q4_k_m, q8_0, f16, ...)")
+    e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="build a tiny model locally, fine-tune it on arithmetic, show the result")
     d.add_argument("--out", default="out/demo")

@@ -13,7 +13,7 @@ import optax
 
 from jft import kernels
 from jft.config import Config
-from jft.nn.transformer import forward_hidden, output_weight
+from jft.nn.transformer import REMAT_POLICIES, forward_hidden, output_weight  # noqa: F401
 
 IGNORE = -100
 
@@ -83,7 +83,7 @@ def make_sft_step(config: Config, optimizer: optax.GradientTransformation, *, re
         loss, grads, tokens = loss_and_grads(config, params, lora, batch, key=key, remat=remat, attn_impl=attn_impl)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
-        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
         return lora, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(1, 2) if donate else ())

@@ -1,0 +1,332 @@
+"""Masked softmax attention with GQA, explicit positions, segments, sliding window and softcap.
+
+q [B,T,Hq,hd], k and v [B,S,Hkv,hd] (Hq a multiple of Hkv), q_positions [B,T], k_positions [B,S],
+segment ids [B,T] / [B,S] (None: one segment). Key s is visible from query t iff
+    k_pos <= q_pos  and  q_seg == k_seg  and  (window is None or q_pos - k_pos < window).
+Scores are fp32 q.k * scale (scale defaults to hd**-0.5), softcapped as tanh(s/c)*c before
+masking, masked with a large negative finite value, softmax in fp32. A query that sees no key at
+all gets a zero output (this only happens for padding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jft.kernels import registry
+from jft.kernels.registry import cdiv, next_pow2
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _check(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"attention: expected q [B,T,Hq,hd], k = v [B,S,Hkv,hd]; got {q.shape}, {k.shape}, {v.shape}")
+    (b, t, hq, hd), (bk, s, hkv, hdk) = q.shape, k.shape
+    if b != bk or hd != hdk or hq % hkv:
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} disagree (batch, head_dim, or Hq % Hkv)")
+    if q_positions.shape != (b, t) or k_positions.shape != (b, s):
+        raise ValueError(f"attention: positions {q_positions.shape}, {k_positions.shape} must be [B,T], [B,S]")
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("attention: give both q_segment_ids and k_segment_ids, or neither")
+    if q_segment_ids is not None and (q_segment_ids.shape != (b, t) or k_segment_ids.shape != (b, s)):
+        raise ValueError(f"attention: segment ids {q_segment_ids.shape}, {k_segment_ids.shape} must be [B,T], [B,S]")
+
+
+def allowed_mask(q_positions, k_positions, q_segment_ids, k_segment_ids, window):
+    """[B, T, S] boolean: which keys each query may attend to."""
+    qp, kp = q_positions[:, :, None], k_positions[:, None, :]
+    ok = kp <= qp
+    if q_segment_ids is not None:
+        ok &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
+    if window is not None:
+        ok &= qp - kp < window
+    return ok
+
+
+def attention_reference(
+    q, k, v, q_positions, k_positions, q_segment_ids=None, k_segment_ids=None,
+    *, scale: float | None = None, window: int | None = None, softcap: float | None = None,
+):
+    _check(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids)
+    b, t, hq, hd = q.shape
+    hkv = k.shape[2]
+    scale = hd**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, hkv, hq // hkv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    ok = allowed_mask(q_positions, k_positions, q_segment_ids, k_segment_ids, window)[:, None, None]
+    probs = jax.nn.softmax(jnp.where(ok, scores, MASK_VALUE), axis=-1)
+    probs = jnp.where(jnp.any(ok, axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas (flash)
+# Forward: one program per (batch, q head, q block) loops over key blocks with an online softmax.
+# Backward: one kernel for dq (same grid), one for dk/dv per (batch, kv head, key block) looping
+# over the q heads of its group and the q blocks. A key block none of whose keys is visible from
+# the q block is skipped. Sequences are padded to whole blocks and head_dim to a power of two;
+# padded keys and queries get segment ids that match nothing.
+
+_PAD_Q_SEGMENT = -(2**31)
+_PAD_K_SEGMENT = -(2**31) + 1
+
+
+class _Config(NamedTuple):
+    scale: float
+    window: int | None
+    softcap: float | None
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    num_warps: int
+
+
+def _visible(q_pos, q_seg, k_pos, k_seg, window):
+    ok = (k_pos[None, :] <= q_pos[:, None]) & (k_seg[None, :] == q_seg[:, None])
+    if window is not None:
+        ok &= q_pos[:, None] - k_pos[None, :] < window
+    return ok
+
+
+def _any(mask):
+    return jnp.max(mask.astype(jnp.int32)) > 0
+
+
+def _dot(a, b, contract=(1, 0)):
+    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _scores(q, k, cfg):
+    """fp32 scores (softcapped) and, with softcap, the tanh needed by the backward pass."""
+    s = _dot(q, k, (1, 1)) * cfg.scale
+    if cfg.softcap is None:
+        return s, None
+    t = jnp.tanh(s / cfg.softcap)
+    return cfg.softcap * t, t
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg):
+    bq, bk = q_ref.shape[0], cfg.block_k
+    q, q_pos, q_seg = q_ref[...], qp_ref[...], qs_ref[...]
+
+    def key_block(j, carry):
+        keys = pl.ds(j * bk, bk)
+        mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
+
+        def compute(carry):
+            acc, m, l = carry
+            s, _ = _scores(q, k_ref[keys, :], cfg)
+            s = jnp.where(mask, s, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            v = v_ref[keys, :]
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+        return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
+
+    init = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    acc, m, l = jax.lax.fori_loop(0, k_ref.shape[0] // bk, key_block, init)
+    seen = l > 0.0
+    safe_l = jnp.where(seen, l, 1.0)
+    o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg):
+    bk = cfg.block_k_bwd
+    q, do, q_pos, q_seg = q_ref[...], do_ref[...], qp_ref[...], qs_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+
+    def key_block(j, dq):
+        keys = pl.ds(j * bk, bk)
+        mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
+
+        def compute(dq):
+            k, v = k_ref[keys, :], v_ref[keys, :]
+            s, t = _scores(q, k, cfg)
+            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        return jax.lax.cond(_any(mask), compute, lambda d: d, dq)
+
+    dq = jax.lax.fori_loop(0, k_ref.shape[0] // bk, key_block, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg):
+    bq = cfg.block_q_bwd
+    group = q_ref.shape[1]
+    q_blocks = q_ref.shape[0] // bq
+    k, v, k_pos, k_seg = k_ref[...], v_ref[...], kp_ref[...], ks_ref[...]
+
+    def q_block(n, carry):
+        g, i = n // q_blocks, n % q_blocks
+        rows = pl.ds(i * bq, bq)
+        mask = _visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, cfg.window)
+
+        def compute(carry):
+            dk, dv = carry
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+            lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+            s, t = _scores(q, k, cfg)
+            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
+
+        return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, group * q_blocks, q_block, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=2),
+        interpret=registry.interpret(),
+        name=name,
+    )
+
+
+def _flash_forward(q, k, v, qp, kp, qs, ks, cfg):
+    b, t, hq, hd = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    group, bq = hq // hkv, cfg.block_q
+    q_spec = pl.BlockSpec((None, bq, None, hd), lambda b_, h, i: (b_, i, h, 0))
+    kv_spec = pl.BlockSpec((None, s, None, hd), lambda b_, h, i: (b_, 0, h // group, 0))
+    q_ids = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
+    k_ids = pl.BlockSpec((None, s), lambda b_, h, i: (b_, 0))
+    lse_spec = pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
+    return _call(
+        _forward_kernel, (b, hq, t // bq), [q_spec, kv_spec, kv_spec, q_ids, k_ids, q_ids, k_ids],
+        [q_spec, lse_spec], out_shape, cfg, "flash_attention_fwd",
+    )(q, k, v, qp, kp, qs, ks)
+
+
+def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
+    b, t, hq, hd = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    group, bq, bk = hq // hkv, cfg.block_q_bwd, cfg.block_k_bwd
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+
+    q_spec = pl.BlockSpec((None, bq, None, hd), lambda b_, h, i: (b_, i, h, 0))
+    kv_all = pl.BlockSpec((None, s, None, hd), lambda b_, h, i: (b_, 0, h // group, 0))
+    q_ids = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
+    k_all_ids = pl.BlockSpec((None, s), lambda b_, h, i: (b_, 0))
+    row_stat = pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))
+    dq = _call(
+        _dq_kernel, (b, hq, t // bq),
+        [q_spec, kv_all, kv_all, q_ids, k_all_ids, q_ids, k_all_ids, q_spec, row_stat, row_stat],
+        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, "flash_attention_dq",
+    )(q, k, v, qp, kp, qs, ks, do, lse, delta)
+
+    q_group = pl.BlockSpec((None, t, group, hd), lambda b_, h, j: (b_, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, bk, None, hd), lambda b_, h, j: (b_, j, h, 0))
+    q_all_ids = pl.BlockSpec((None, t), lambda b_, h, j: (b_, 0))
+    k_ids = pl.BlockSpec((None, bk), lambda b_, h, j: (b_, j))
+    group_stat = pl.BlockSpec((None, group, t), lambda b_, h, j: (b_, h, 0))
+    dk, dv = _call(
+        _dkv_kernel, (b, hkv, s // bk),
+        [q_group, kv_spec, kv_spec, q_all_ids, k_ids, q_all_ids, k_ids, q_group, group_stat, group_stat],
+        [kv_spec, kv_spec], [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        cfg, "flash_attention_dkv",
+    )(q, k, v, qp, kp, qs, ks, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, qp, kp, qs, ks, cfg):
+    return _flash_forward(q, k, v, qp, kp, qs, ks, cfg)[0]
+
+
+def _flash_fwd(q, k, v, qp, kp, qs, ks, cfg):
+    o, lse = _flash_forward(q, k, v, qp, kp, qs, ks, cfg)
+    return o, (q, k, v, qp, kp, qs, ks, o, lse)
+
+
+def _flash_bwd(cfg, res, do):
+    dq, dk, dv = _flash_backward(*res, do, cfg)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_axis(a, axis, size, fill=0):
+    if a.shape[axis] == size:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, widths, constant_values=fill)
+
+
+def _block(requested, length):
+    return max(16, min(requested, next_pow2(length)))  # Triton dots need tiles of at least 16
+
+
+def attention_pallas(
+    q, k, v, q_positions, k_positions, q_segment_ids=None, k_segment_ids=None,
+    *, scale: float | None = None, window: int | None = None, softcap: float | None = None,
+    block_q: int | None = None, block_k: int | None = None,
+    block_q_bwd: int | None = None, block_k_bwd: int | None = None,
+):
+    _check(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids)
+    b, t, hq, hd = q.shape
+    s = k.shape[1]
+    hd_padded = max(16, next_pow2(hd))
+    wide = hd_padded > 128
+    cfg = _Config(
+        scale=float(hd**-0.5 if scale is None else scale),
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+        block_q=_block(block_q or (64 if wide else 128), t),
+        block_k=_block(block_k or (32 if wide else 64), s),
+        block_q_bwd=_block(block_q_bwd or (32 if wide else 64), t),
+        block_k_bwd=_block(block_k_bwd or (32 if wide else 64), s),
+        num_warps=4 if hd_padded <= 64 else 8,
+    )
+    t_pad = cdiv(t, max(cfg.block_q, cfg.block_q_bwd)) * max(cfg.block_q, cfg.block_q_bwd)
+    s_pad = cdiv(s, max(cfg.block_k, cfg.block_k_bwd)) * max(cfg.block_k, cfg.block_k_bwd)
+    if q_segment_ids is None:
+        q_segment_ids, k_segment_ids = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+    ints = lambda a, n, fill: _pad_axis(a.astype(jnp.int32), 1, n, fill)
+    heads = lambda a, n: _pad_axis(_pad_axis(a, 3, hd_padded), 1, n)
+    out = _flash(
+        heads(q, t_pad), heads(k, s_pad), heads(v, s_pad),
+        ints(q_positions, t_pad, 0), ints(k_positions, s_pad, 0),
+        ints(q_segment_ids, t_pad, _PAD_Q_SEGMENT), ints(k_segment_ids, s_pad, _PAD_K_SEGMENT),
+        cfg,
+    )
+    return out[:, :t, :, :hd]
+
+
+registry.register("attention", attention_reference)
+registry.register_pallas("attention", attention_pallas)

@@ -1,0 +1,250 @@
+"""`jft.train.SFT`: the convenience loop around `make_sft_step`.
+
+Progress bar (loss, lr, tokens/s), metrics.jsonl, a loss-curve PNG, evaluation on a held-out set,
+orbax checkpoints every N steps with exact resume, and a clear stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jft import data as jdata
+from jft.train.optim import adamw, schedule
+from jft.train.step import eval_loss, make_sft_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    lora: object
+    opt_state: object
+    step: int
+    history: list[dict]
+
+
+def _batch_stream(examples, *, batch_size, seq_len, packing, pad_id, seed, start_step):
+    """An endless, deterministic stream of batches (epoch e shuffled with seed + e), skipping start_step."""
+    epoch, produced = 0, 0
+    while True:
+        if packing:
+            packed = jdata.pack(examples, seq_len, pad_id=pad_id)
+            rows = np.random.default_rng(seed + epoch).permutation(len(packed["input_ids"]))
+            epoch_batches = [{k: v[rows[i : i + batch_size]] for k, v in packed.items()}
+                             for i in range(0, len(rows) - batch_size + 1, batch_size)]
+            if not epoch_batches:
+                raise ValueError(f"{len(rows)} packed rows cannot fill a batch of {batch_size}")
+        else:
+            epoch_batches = list(jdata.batches(examples, batch_size, pad_id=pad_id, shuffle=True, seed=seed + epoch,
+                                               buckets=_buckets(seq_len)))
+        for b in epoch_batches:
+            if produced >= start_step:
+                yield epoch, b
+            produced += 1
+        epoch += 1
+
+
+def _buckets(max_len: int) -> tuple[int, ...]:
+    sizes, n = [], 64
+    while n < max_len:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, max_len)
+
+
+def _steps_per_epoch(examples, batch_size, seq_len, packing, pad_id) -> int:
+    if packing:
+        return max(len(jdata.pack(examples, seq_len, pad_id=pad_id)["input_ids"]) // batch_size, 1)
+    return math.ceil(len(examples) / batch_size)
+
+
+class SFT:
+    """Supervised fine-tuning of a LoRA over a frozen (possibly quantized) model.
+
+    `fit(dataset, steps=N | epochs=E)` accepts a `datasets.Dataset`, a list of rows in any format
+    `jft.data` knows, or already tokenised examples ({"input_ids", "labels"}).
+    """
+
+    def __init__(self, model, lora, *, optimizer: optax.GradientTransformation | None = None, learning_rate: float = 2e-4,
+                 embedding_learning_rate: float | None = None, weight_decay: float = 0.0, lr_schedule: str = "linear",
+                 warmup_steps: int = 0, max_seq_length: int = 2048, batch_size: int = 2, grad_accum: int = 1,
+                 packing: bool = False, template: str | None = None, responses_only: bool = True, format: str | None = None,
+                 remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
+                 log_every: int = 1, seed: int = 0, progress: bool = True):
+        self.model, self.lora = model, lora
+        self.optimizer = optimizer
+        self.opt_args = dict(lr=learning_rate, embedding_lr=embedding_learning_rate, weight_decay=weight_decay,
+                             schedule_kind=lr_schedule, warmup_steps=warmup_steps)
+        self.max_seq_length, self.batch_size, self.grad_accum = max_seq_length, batch_size, grad_accum
+        self.packing, self.template, self.responses_only, self.format = packing, template, responses_only, format
+        self.remat, self.out_dir, self.seed, self.progress = remat, out_dir, seed, progress
+        self.checkpoint_every, self.eval_every, self.log_every = checkpoint_every, eval_every, log_every
+        if checkpoint_every and not out_dir:
+            raise ValueError("checkpoint_every needs out_dir")
+
+    # -- data -----------------------------------------------------------------------------------
+    def tokenize(self, dataset) -> list[dict]:
+        rows = list(dataset) if not hasattr(dataset, "column_names") else dataset
+        if len(rows) and "input_ids" in rows[0] and "labels" in rows[0]:
+            return [{"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["labels"], np.int32)} for r in rows]
+        if self.model.tokenizer is None:
+            raise ValueError("the model has no tokenizer: pass tokenised examples ({'input_ids', 'labels'})")
+        return jdata.prepare(dataset, self.model.tokenizer, self.max_seq_length, format=self.format,
+                             template=self.template, responses_only=self.responses_only)
+
+    def _pad_id(self) -> int:
+        tok = self.model.tokenizer
+        return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, lora, examples) -> float:
+        """Token-mean loss over held-out examples."""
+        fn = jax.jit(eval_loss, static_argnames=("config",))
+        total, count = 0.0, 0
+        for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
+            s, n = fn(self.model.config, self.model.params, lora, {k: jnp.asarray(v) for k, v in batch.items()})
+            total, count = total + float(s), count + int(n)
+        return total / max(count, 1)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(os.path.join(self.out_dir, "checkpoints"))
+        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def _save(self, manager, step, lora, opt_state, history):
+        import orbax.checkpoint as ocp
+
+        manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
+        manager.wait_until_finished()
+        with open(os.path.join(self.out_dir, "checkpoints", f"history-{step}.json"), "w") as f:
+            json.dump(history, f)
+
+    def _restore(self, manager, lora, opt_state):
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        history_path = os.path.join(self.out_dir, "checkpoints", f"history-{step}.json")
+        history = json.load(open(history_path)) if os.path.exists(history_path) else []
+        return step, state["lora"], state["opt_state"], history
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, dataset, *, steps: int | None = None, epochs: int | None = None, eval_dataset=None,
+            resume: bool = False, callbacks=()) -> TrainState:
+        """Trains for `steps` optimizer steps (or `epochs`). Each callback is called as
+        cb(step, record) after a logged step; raising from one stops training."""
+        if (steps is None) == (epochs is None):
+            raise ValueError("give exactly one of steps or epochs")
+        examples = self.tokenize(dataset)
+        eval_examples = self.tokenize(eval_dataset) if eval_dataset is not None else None
+        pad_id = self._pad_id()
+        rows = self.batch_size * self.grad_accum
+        if steps is None:
+            steps = epochs * _steps_per_epoch(examples, rows, self.max_seq_length, self.packing, pad_id)
+        optimizer = self.optimizer or adamw(total_steps=steps, **self.opt_args)
+        lr_at = schedule(self.opt_args["lr"], steps, kind=self.opt_args["schedule_kind"], warmup_steps=self.opt_args["warmup_steps"])
+        lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
+        opt_state = optimizer.init(lora)
+        step_fn = make_sft_step(self.model.config, optimizer, remat=self.remat, grad_accum=self.grad_accum)
+
+        start, history = 0, []
+        manager = self._manager() if self.out_dir and (self.checkpoint_every or resume) else None
+        if resume and manager is not None:
+            restored = self._restore(manager, lora, opt_state)
+            if restored is not None:
+                start, lora, opt_state, history = restored
+        if start == 0 and self.out_dir and os.path.exists(os.path.join(self.out_dir, "metrics.jsonl")):
+            os.remove(os.path.join(self.out_dir, "metrics.jsonl"))
+        stream = _batch_stream(examples, batch_size=rows, seq_len=self.max_seq_length, packing=self.packing,
+                               pad_id=pad_id, seed=self.seed, start_step=start)
+        key = jax.random.key(self.seed)
+        bar = tqdm(total=steps, initial=start, desc="sft", disable=not self.progress, dynamic_ncols=True)
+        t0, tokens_since = time.perf_counter(), 0
+        for step in range(start, steps):
+            epoch, batch = next(stream)
+            tokens_since += int((batch["segment_ids"] > 0).sum())
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch, jax.random.fold_in(key, step))
+            if (step + 1) % self.log_every == 0 or step + 1 == steps:
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    bar.close()
+                    where = f"; the last good checkpoint is in {self.out_dir}/checkpoints" if manager else ""
+                    raise TrainingDiverged(f"loss became {loss} at step {step + 1}{where}. Lower the learning rate "
+                                           "or check the data.")
+                elapsed = time.perf_counter() - t0
+                record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(lr_at(step)),
+                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+                t0, tokens_since = time.perf_counter(), 0
+                if eval_examples is not None and self.eval_every and (step + 1) % self.eval_every == 0:
+                    record["eval_loss"] = self.evaluate(lora, eval_examples)
+                history.append(record)
+                self._log(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if manager is not None and self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+                self._save(manager, step + 1, lora, opt_state, history)
+            if history and history[-1]["step"] == step + 1:
+                for cb in callbacks:
+                    cb(step + 1, history[-1])
+        bar.close()
+        if eval_examples is not None:
+            history.append({"step": steps, "eval_loss": self.evaluate(lora, eval_examples)})
+            self._log(history[-1])
+        if self.out_dir:
+            plot_losses(history, os.path.join(self.out_dir, "loss.png"))
+        self.lora = lora
+        return TrainState(lora, opt_state, steps, history)
+
+    def _log(self, record: dict) -> None:
+        if not self.out_dir:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    """Training (and evaluation) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train and not evals:
+        warnings.warn("no losses recorded; no plot written", stacklevel=2)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,55 @@
+"""The `jft` command line, run as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jft.data.testing import make_tiny_tokenizer
+from jft.demo import build_tiny_model
+
+GSM8K_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl")
+
+
+def _jft(*args, cwd=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "jft.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    build_tiny_model(str(path), make_tiny_tokenizer(vocab_size=600, chat_template="chatml"), hidden=64, layers=2,
+                     intermediate=128)
+    return str(path)
+
+
+def test_train_then_export_merged_then_generate(base, tmp_path):
+    data = tmp_path / "small.jsonl"
+    with open(GSM8K_TRAIN) as src, open(data, "w") as dst:
+        for _, line in zip(range(16), src):
+            dst.write(line)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {base}\nr: 4\nalpha: 8\nmax_seq_length: 512\nbatch_size: 2\n")
+    out = tmp_path / "run"
+    r = _jft("train", "--config", str(cfg), "--dataset", str(data), "--steps", "3", "--packing", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (out / "loss.png").stat().st_size > 1000
+
+    r = _jft("export", "--base", base, "--lora", str(out / "adapter"), "--format", "merged", "--out", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    r = _jft("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "4")
+    assert r.returncode == 0 and "### Hello" in r.stdout, r.stderr
+
+
+def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
+    r = _jft("train", "--model", str(tmp_path / "missing"), "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "model directory not found" in r.stderr and "Traceback" not in r.stderr
+    r = _jft("train", "--model", base, "--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr
+    r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN)
+    assert r.returncode == 2 and "--out is required" in r.stderr

@@ -1,0 +1,154 @@
+"""Supervised fine-tuning: packing, gradient accumulation, resume, divergence, and a real GSM8K run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jft
+from jft.data.testing import make_tiny_tokenizer
+from jft.demo import build_tiny_model
+from jft.train.step import loss_and_grads, token_losses
+
+GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    texts = [r["question"] + " " + r["answer"] for r in _gsm8k_rows("train", 300)]
+    tokenizer = make_tiny_tokenizer(vocab_size=1024, chat_template="chatml", texts=texts)
+    build_tiny_model(str(path), tokenizer, hidden=64, layers=2, intermediate=128)
+    return jft.load(str(path), dtype="float32")
+
+
+def _lora(model, seed=0):
+    lora = jft.lora.init(model, r=4, alpha=8, key=jax.random.key(seed))
+    layers = {t: {"a": w["a"], "b": jax.random.normal(jax.random.key(seed + i + 1), w["b"].shape) * 0.05}
+              for i, (t, w) in enumerate(lora.weights["layers"].items())}
+    return jft.lora.LoRA({"layers": layers}, lora.config)
+
+
+def _samples(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        ids = rng.integers(3, vocab, size=n).astype(np.int32)
+        labels = ids.copy()
+        labels[: n // 3] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _unpacked_batch(sample):
+    n = len(sample["input_ids"])
+    return {"input_ids": jnp.asarray(sample["input_ids"])[None], "labels": jnp.asarray(sample["labels"])[None],
+            "positions": jnp.arange(n)[None], "segment_ids": jnp.ones((1, n), jnp.int32)}
+
+
+def test_packed_loss_equals_token_weighted_unpacked_loss(tiny):
+    lora = _lora(tiny)
+    samples = _samples(tiny.config.vocab_size, [9, 14, 6])
+    packed = {k: jnp.asarray(v) for k, v in jft.data.pack(samples, 32).items()}
+    assert packed["input_ids"].shape[0] == 1  # all three share one row
+    losses, mask = token_losses(tiny.config, tiny.params, lora, packed, remat="none")
+    packed_mean = float(jnp.sum(losses) / jnp.sum(mask))
+    total, count = 0.0, 0
+    for s in samples:
+        l, m = token_losses(tiny.config, tiny.params, lora, _unpacked_batch(s), remat="none")
+        total, count = total + float(jnp.sum(l)), count + int(jnp.sum(m))
+    assert abs(packed_mean - total / count) < 1e-5
+
+
+def test_no_attention_across_segments(tiny):
+    samples = _samples(tiny.config.vocab_size, [10, 12, 7], seed=1)
+    packed = jft.data.pack(samples, 32)
+    seg = packed["segment_ids"][0]
+    base = np.asarray(jft.forward(tiny, packed["input_ids"], positions=packed["positions"], segment_ids=packed["segment_ids"]))
+    changed = packed["input_ids"].copy()
+    victim = seg == seg[0]  # the first segment in the row
+    changed[0, victim] = (changed[0, victim] + 7) % tiny.config.vocab_size
+    after = np.asarray(jft.forward(tiny, changed, positions=packed["positions"], segment_ids=packed["segment_ids"]))
+    others = (seg != seg[0]) & (seg > 0)
+    assert np.abs(after[0, victim] - base[0, victim]).max() > 1e-3  # the perturbation matters where it should
+    np.testing.assert_array_equal(after[0, others], base[0, others])
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny):
+    lora = _lora(tiny, seed=3)
+    samples = _samples(tiny.config.vocab_size, [20, 9, 17, 12], seed=2)  # unequal label counts per micro-batch
+    batch = next(jft.data.batches(samples, 4, buckets=(24,)))
+    one = {k: jnp.asarray(v)[None] for k, v in batch.items()}
+    two = {k: jnp.asarray(v).reshape(2, 2, -1) for k, v in batch.items()}
+    loss1, g1, n1 = loss_and_grads(tiny.config, tiny.params, lora, one, remat="none")
+    loss2, g2, n2 = loss_and_grads(tiny.config, tiny.params, lora, two, remat="full")
+    assert int(n1) == int(n2)
+    assert abs(float(loss1) - float(loss2)) < 1e-6
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+
+
+def _gsm8k_rows(split, n):
+    with open(os.path.join(GSM8K, f"{split}.jsonl")) as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def test_resume_gives_identical_lora(tiny, tmp_path):
+    rows = _gsm8k_rows("train", 48)
+    kw = dict(learning_rate=1e-3, max_seq_length=384, batch_size=4, packing=True, progress=False, seed=5)
+    full = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, key=jax.random.key(0)), **kw).fit(rows, steps=10)
+
+    def kill_at_5(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    out = str(tmp_path / "run")
+    first = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, key=jax.random.key(0)), out_dir=out, checkpoint_every=5, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(rows, steps=10, callbacks=[kill_at_5])
+    resumed = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, key=jax.random.key(9)), out_dir=out, checkpoint_every=5, **kw)
+    state = resumed.fit(rows, steps=10, resume=True)
+    for a, b in zip(jax.tree.leaves(full.lora), jax.tree.leaves(state.lora)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["step"] for h in state.history] == list(range(1, 11))
+
+
+def test_nan_loss_stops_with_clear_error(tiny, tmp_path):
+    lora = jft.lora.init(tiny, r=4, key=jax.random.key(0))
+    bad = jft.lora.LoRA({"layers": {**lora.weights["layers"], "q": {"a": lora.weights["layers"]["q"]["a"] * jnp.nan,
+                                                                     "b": lora.weights["layers"]["q"]["b"] + 1.0}}},
+                        lora.config)
+    with pytest.raises(jft.train.TrainingDiverged, match="step 1"):
+        jft.train.SFT(tiny, bad, max_seq_length=384, batch_size=2, progress=False).fit(_gsm8k_rows("train", 8), steps=3)
+
+
+def test_bad_datasets_are_reported(tiny):
+    trainer = jft.train.SFT(tiny, jft.lora.init(tiny, r=2), max_seq_length=64, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        trainer.fit([], steps=1)
+    with pytest.raises(ValueError, match="output"):
+        trainer.fit([{"instruction": "add", "input": "1 2"}], steps=1)
+    with pytest.raises(ValueError, match="chatml"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=2), template="no-such-template", progress=False).fit(
+            _gsm8k_rows("train", 2), steps=1)
+
+
+@pytest.mark.slow
+def test_sft_on_gsm8k_lowers_held_out_loss(tmp_path):
+    train_rows, test_rows = _gsm8k_rows("train", 800), _gsm8k_rows("test", 64)
+    texts = [r["question"] + " " + r["answer"] for r in train_rows]
+    tokenizer = make_tiny_tokenizer(vocab_size=1024, chat_template="chatml", texts=texts)
+    build_tiny_model(str(tmp_path / "base"), tokenizer, hidden=96, layers=2, intermediate=192)
+    model = jft.load(str(tmp_path / "base"), dtype="float32")
+    lora = jft.lora.init(model, r=16, alpha=32, train_embeddings=True, key=jax.random.key(0))
+    trainer = jft.train.SFT(model, lora, learning_rate=2e-3, max_seq_length=256, batch_size=8, packing=True,
+                            out_dir=str(tmp_path / "out"), progress=False, warmup_steps=10)
+    before = trainer.evaluate(lora, trainer.tokenize(test_rows))
+    state = trainer.fit(train_rows, steps=200, eval_dataset=test_rows)
+    after = state.history[-1]["eval_loss"]
+    assert after < 0.7 * before, (before, after)
+    assert os.path.getsize(tmp_path / "out" / "loss.png") > 1000
+    assert sum(1 for _ in open(tmp_path / "out" / "metrics.jsonl")) >= 200
