@@ -34,7 +34,9 @@ class Model:
     @property
     def nbytes(self) -> int:
         """Bytes the params take (quantized leaves at their packed size)."""
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        from jft.quant import param_bytes
+
+        return param_bytes(self.params)
 
     def __repr__(self) -> str:
         c = self.config
@@ -79,8 +81,11 @@ def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_l
     if quantize is not None:
         from jft import quant
 
-        quantizer = quant.loader(quantize, dtype=jnp.dtype(dtype))
-    params = hf.load_params(path, config, dtype=jnp.dtype(dtype), quantize=quantizer, progress=progress)
+        if quantize not in quant.METHODS:
+            raise ValueError(f"unknown quantize={quantize!r}; choose one of {quant.METHODS}")
+        quantizer = functools.partial(quant.quantize, method=quantize, dtype=jnp.dtype(dtype))
+    params = hf.load_params(path, config, dtype=jnp.dtype(dtype), quantize=quantizer,
+                            quantization_config=raw.get("quantization_config"), progress=progress)
     tok = _load_tokenizer(path) if tokenizer else None
     return Model(config, params, tok, path, raw, max_seq_length)
 

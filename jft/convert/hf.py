@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from jft.config import Config
 from jft.convert.safetensors_io import CheckpointError, CheckpointFiles, atomic_write, save_sharded
-from jft.nn.transformer import param_shapes
+from jft.nn.transformer import is_norm, param_shapes
 
 _EMBED_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
 
@@ -92,11 +92,53 @@ def _to_jax(arrays: list, transform: Callable) -> object:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *done)
 
 
-def load_params(directory, config: Config, dtype=jnp.bfloat16, quantize: Callable | None = None, progress: bool = True) -> dict:
+def _prequantized_reader(files: CheckpointFiles, qc: dict, dtype) -> Callable[[str], object]:
+    """For a checkpoint saved quantized (bnb-4bit, fp8, fbgemm_fp8): HF weight name -> quantized leaf."""
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+            raise CheckpointError(f"{files.directory}: only 4-bit NF4 bitsandbytes checkpoints are supported, "
+                                  f"got {qc}")
+        from jft.convert.bnb import nf4_from_bnb
+
+        def read_bnb(name):
+            stem = name[: -len("weight")]
+            parts = {k[len(stem):]: files.get(k) for k in files.keys() if k.startswith(name)}
+            try:
+                return nf4_from_bnb(parts, dtype=dtype)
+            except ValueError as e:
+                raise CheckpointError(f"{files.path_of(name)}: {name}: {e}") from None
+
+        return read_bnb
+    if method in ("fp8", "fbgemm_fp8"):
+        from jft.convert.fp8 import fp8_from_hf
+
+        block = qc.get("weight_block_size")
+
+        def read_fp8(name):
+            stem = name[: -len("weight")]
+            parts = {s: files.get(stem + s) for s in ("weight", "weight_scale", "weight_scale_inv") if stem + s in files}
+            try:
+                return fp8_from_hf(parts, dtype=dtype, block=block)
+            except ValueError as e:
+                raise CheckpointError(f"{files.path_of(name)}: {name}: {e}") from None
+
+        return read_fp8
+    raise CheckpointError(f"{files.directory}: quantization method {method!r} is not supported (bitsandbytes nf4, fp8, fbgemm_fp8 are)")
+
+
+def _is_linear(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and not is_norm(name) and not name.endswith("_bias")
+
+
+def load_params(directory, config: Config, dtype=jnp.bfloat16, quantize: Callable | None = None,
+                quantization_config: dict | None = None, progress: bool = True) -> dict:
     """Reads a checkpoint directory into canonical params.
 
-    `quantize(name, w)` may turn a per-layer [out, in] matrix into a quantized leaf; it is called one
+    `quantize(w)` may turn a per-layer [out, in] matrix into a quantized leaf; it is called one
     tensor at a time, so a model that does not fit in host memory at 16 bits can still be loaded.
+    A checkpoint saved quantized (its config's `quantization_config`) loads straight into quantized
+    leaves, without dequantizing.
     """
     files = CheckpointFiles(directory)
     prefix = _model_prefix(files)
@@ -116,8 +158,19 @@ def load_params(directory, config: Config, dtype=jnp.bfloat16, quantize: Callabl
 
     fused = _fused_parts(config) if _fused(config) else {}
     layer_shapes = shapes["layers"]
+    read_quantized = _prequantized_reader(files, quantization_config, dtype) if quantization_config else None
+    if read_quantized is not None and fused:
+        raise CheckpointError(f"{directory}: pre-quantized {config.model_type} checkpoints (fused projections) are not "
+                              "supported; load the 16-bit checkpoint with quantize='nf4' instead")
     for name in tqdm(layer_shapes, desc="loading", disable=not progress, leave=False):
         per_layer = layer_shapes[name][1:]
+        if read_quantized is not None and _is_linear(name, layer_shapes[name]):
+            leaves = [read_quantized(f"{prefix}layers.{i}.{_tensor_name(config, name)}") for i in range(config.num_layers)]
+            for i, leaf in enumerate(leaves):
+                if tuple(leaf.shape) != tuple(per_layer):
+                    raise CheckpointError(f"{directory}: layer {i} {name} has shape {tuple(leaf.shape)}, expected {per_layer}")
+            params["layers"][name] = _to_jax(leaves, lambda x: x)
+            continue
         arrays = []
         for i in range(config.num_layers):
             base = f"{prefix}layers.{i}."
@@ -126,8 +179,8 @@ def load_params(directory, config: Config, dtype=jnp.bfloat16, quantize: Callabl
                 arrays.append(_read(files, base + tensor, per_layer, rows=(lo, hi)))
             else:
                 arrays.append(_read(files, base + _tensor_name(config, name), per_layer))
-        if quantize is not None and len(per_layer) == 2 and not name.endswith("norm"):
-            params["layers"][name] = _to_jax(arrays, lambda a: quantize(name, jnp.asarray(np.asarray(a).astype(dtype))))
+        if quantize is not None and _is_linear(name, layer_shapes[name]):
+            params["layers"][name] = _to_jax(arrays, lambda a: quantize(jnp.asarray(np.asarray(a).astype(dtype))))
         else:
             stacked = np.empty((config.num_layers, *per_layer), dtype)
             for i, a in enumerate(arrays):
@@ -166,13 +219,23 @@ def hf_tensors(config: Config, params: dict, prefix: str = "model.") -> Iterator
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 
 
-def save_params(directory, config: Config, params: dict, raw_config: dict, *, max_shard_size: int = 5 * 2**30) -> None:
-    """Writes params as an HF checkpoint (sharded safetensors + index + config.json)."""
+def save_params(directory, config: Config, params: dict, raw_config: dict, *, max_shard_size: int = 5 * 2**30,
+                transform: Callable | None = None, quantization_config: dict | None = None) -> None:
+    """Writes params as an HF checkpoint (sharded safetensors + index + config.json).
+
+    `transform(name, array)` may replace one tensor by several (name, array) pairs, e.g. to write a
+    linear weight in a quantized layout; `quantization_config` then goes into config.json.
+    """
     os.makedirs(directory, exist_ok=True)
     dtype_name = _DTYPE_NAMES.get(np.dtype(params["embed"].dtype), "float32")
     config_out = {k: v for k, v in raw_config.items() if k not in ("quantization_config", "torch_dtype")}
     config_out["dtype"] = dtype_name
-    save_sharded(hf_tensors(config, params), directory, max_shard_bytes=max_shard_size)
+    if quantization_config:
+        config_out["quantization_config"] = quantization_config
+    tensors = hf_tensors(config, params)
+    if transform is not None:
+        tensors = (pair for name, t in tensors for pair in transform(name, t))
+    save_sharded(tensors, directory, max_shard_bytes=max_shard_size)
     atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(json.dumps(config_out, indent=2)), mode="w")
 
 

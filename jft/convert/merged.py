@@ -53,10 +53,35 @@ def merged_params_view(params: dict, lora, dtype) -> dict:
     return out
 
 
-def save_merged(model, lora, directory, *, dtype="bfloat16", max_shard_size: int = 5 * 2**30) -> None:
-    """Writes base + LoRA as `dtype` HF safetensors (sharded, with index), config and tokenizer files."""
+def _as_bnb_nf4(name: str, w: np.ndarray):
+    """A decoder layer's linear weight -> its bitsandbytes NF4 tensors; anything else unchanged."""
+    from jft.convert.bnb import nf4_to_bnb
+    from jft.quant import quantize_nf4
+
+    if ".layers." not in name or w.ndim != 2 or not name.endswith(".weight") or name.endswith("norm.weight"):
+        yield name, w
+        return
+    leaf = quantize_nf4(jnp.asarray(w, jnp.float32), double_quant=True, dtype=jnp.dtype(w.dtype))
+    for suffix, t in nf4_to_bnb(leaf).items():
+        yield name[: -len("weight")] + suffix, t
+
+
+def save_merged(model, lora, directory, *, dtype="bfloat16", quantize: str | None = None,
+                max_shard_size: int = 5 * 2**30) -> None:
+    """Writes base + LoRA as `dtype` HF safetensors (sharded, with index), config and tokenizer files.
+
+    quantize="nf4" writes the decoder's linear weights in the bitsandbytes 4-bit layout (double
+    quantization), which transformers loads as a `*-bnb-4bit` checkpoint.
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"save_merged: quantize must be None or 'nf4', got {quantize!r}")
     params = merged_params_view(model.params, lora, dtype)
-    save_params(directory, model.config, params, model.hf_config, max_shard_size=max_shard_size)
+    extra = {}
+    if quantize == "nf4":
+        from jft.convert.bnb import bnb_quantization_config
+
+        extra = dict(transform=_as_bnb_nf4, quantization_config=bnb_quantization_config())
+    save_params(directory, model.config, params, model.hf_config, max_shard_size=max_shard_size, **extra)
     copy_side_files(model, directory)
 
 
