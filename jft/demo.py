@@ -41,7 +41,7 @@ def arithmetic_problems(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
         rows.append({"messages": [{"role": "user", "content": ADD_TEMPLATE.format(a=a, b=b)},
                                   {"role": "assistant", "content": f"The answer is {a + b}."}]})
     return rows

@@ -24,6 +24,23 @@ CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_e
 TOLERANCE = {"gemma": 5e-3, "gemma2": 5e-3, "gemma3_text": 5e-3}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_amx_repack():
+    """This machine's CPU reports Intel AMX, and ggml's AMX weight repacking (an "extra buffer
+    type") segfaults evaluating quantized tensors here. `use_extra_bufts` is llama.cpp's own model
+    parameter for turning that repacking off; the regular CPU kernels still run."""
+    original = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    yield
+    llama_cpp.llama_cpp.llama_model_default_params = original
+
+
 def _save_tiny_tokenizer(path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -112,9 +129,21 @@ def test_q4_k_m_equals_llama_cpp_quantizing_our_f32(exported, tmp_path):
     for name, t in ours.items():
         assert t.tensor_type == theirs[name].tensor_type, name
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(theirs[name].data).view(np.uint8)), name
-    # Not checked here: greedy tokens from the quantized files. The llama-cpp-python 0.3.36 build on
-    # this machine segfaults evaluating any quantized GGUF (llama.cpp's own q4_k_m/q8_0 too); the
-    # files being byte-identical to llama.cpp's makes its generations identical by construction.
+    prompt = IDS[:6]
+    assert _greedy(ours_path, prompt, 12) == _greedy(theirs_path, prompt, 12)
+
+
+def _greedy(path, prompt, n):
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+    try:
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            out.append(int(token))
+            if len(out) == n:
+                return out
+        return out
+    finally:
+        llm.close()
 
 
 def test_lora_is_merged(exported, tmp_path):

@@ -36,12 +36,13 @@ def xla_attention(q, k, v, mask, *, scale: float, softcap: float | None = None):
     return out.reshape(b, t, hq, hd)
 
 
-def cudnn_attention(q, k, v, mask, *, scale: float):
-    """jax.nn.dot_product_attention with cuDNN (GPU, bf16/fp16, no softcap)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale, implementation="cudnn")
+def causal_attention(q, k, v, *, scale: float, window: int | None = None, implementation: str | None = "cudnn"):
+    """Plain causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
 
-
-def attend(q, k, v, mask, *, scale: float, softcap: float | None, implementation: str = "xla"):
-    if implementation == "cudnn" and softcap is None:
-        return cudnn_attention(q, k, v, mask, scale=scale)
-    return xla_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    No [T, S] mask is built, so memory stays linear in T. It ignores positions and segments, so it is
+    exact only for rows that are one sequence each, padded on the right (real tokens never look
+    right): unpacked training batches. `window`: the sliding window (q - k < window).
+    """
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                        implementation=implementation)

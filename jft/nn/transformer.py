@@ -16,6 +16,10 @@ from jft.nn import attention as attn
 from jft.nn.layers import activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
 
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+# "xla": masked attention by positions and segments (packing, padding, KV cache) — always exact.
+# "cudnn": causal flash attention, no mask (unpacked right-padded batches only); "causal" is the
+# same contract through XLA, for checking it where cuDNN is absent.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "causal")
 _NO_WINDOW = np.iinfo(np.int32).max
 _EMPTY_SLOT_POSITION = np.iinfo(np.int32).max  # an empty cache slot is "in the future" of every query
 
@@ -145,11 +149,14 @@ def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on,
         ck = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
         new_kv, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
-    window = None
-    if c.sliding_window is not None:
-        window = jnp.where(sliding, c.sliding_window, _NO_WINDOW)
-    mask = attn.attention_mask(q_meta[0], k_meta[0], q_meta[1], k_meta[1], window)
-    o = attn.attend(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap, implementation=attn_impl)
+    if attn_impl in ("cudnn", "causal") and cache_kv is None and c.attn_logit_softcap is None:
+        o = _causal_attention(c, q, k, v, sliding, "cudnn" if attn_impl == "cudnn" else None)
+    else:
+        window = None
+        if c.sliding_window is not None:
+            window = jnp.where(sliding, c.sliding_window, _NO_WINDOW)
+        mask = attn.attention_mask(q_meta[0], k_meta[0], q_meta[1], k_meta[1], window)
+        o = attn.xla_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
     o = proj(o.reshape(b, t, c.q_dim), "o", lp.get("o_bias"))
     if c.sandwich_norm:
         o = rms_norm(o, lp["post_attn_norm"], c.rms_norm_eps, c.norm_offset)
@@ -163,6 +170,17 @@ def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on,
     return x + h, new_kv
 
 
+def _causal_attention(c: Config, q, k, v, sliding, implementation):
+    def run(window):
+        return attn.causal_attention(q, k, v, scale=c.attention_scale, window=window, implementation=implementation)
+
+    if c.sliding_window is None or not any(c.sliding_layers):
+        return run(None)
+    if all(c.sliding_layers):
+        return run(c.sliding_window)
+    return jax.lax.cond(sliding, lambda: run(c.sliding_window), lambda: run(None))
+
+
 def _rope_for(config: Config, positions):
     rope_g = rope_tables(inv_frequencies(config.rope, config.rotary_dims), positions)
     rope_l = None
@@ -172,18 +190,25 @@ def _rope_for(config: Config, positions):
 
 
 def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *, lora=None, cache=None,
-                   dropout_key=None, remat: str = "none", attn_impl: str = "xla", dtype=None):
+                   dropout_key=None, remat: str = "none", attn_impl: str = "xla", dtype=None, inputs_embeds=None,
+                   rope=None):
     """Runs the decoder. Returns (final-normed hidden [B, T, D], updated cache or None).
 
     positions/segment_ids: int [B, T]. Tokens attend only within their segment (0 = padding).
     With a cache, new keys are written at cache["index"] and queries see every filled slot.
+    inputs_embeds [B, T, D] replaces the token embedding (vision-language models scatter image
+    features into it); rope, a precomputed (cos, sin) pair of [B, T, rotary_dim], replaces the rotary
+    tables of `positions` (M-RoPE), which then only order tokens for masking and the cache.
     """
     c = config
     dtype = dtype or _compute_dtype(params)
     lora_weights = None if lora is None else lora.weights
-    embed = lora_weights["embed"] if lora_weights is not None and "embed" in lora_weights else params["embed"]
-    x = embed_tokens(c, embed, input_ids, dtype)
-    rope_g, rope_l = _rope_for(c, positions)
+    if inputs_embeds is not None:
+        x = inputs_embeds.astype(dtype)
+    else:
+        embed = lora_weights["embed"] if lora_weights is not None and "embed" in lora_weights else params["embed"]
+        x = embed_tokens(c, embed, input_ids, dtype)
+    rope_g, rope_l = _rope_for(c, positions) if rope is None else (tuple(rope), None)
     q_meta = (positions, segment_ids)
 
     cache_index = None

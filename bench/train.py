@@ -1,0 +1,185 @@
+"""Training-step benchmark: jft's real SFT step on a Llama-3-8B-shaped model with random weights.
+
+Prints one table row per configuration: tokens/s, step time, peak device memory and MFU against the
+bf16 matmul rate measured in the same run. Run on the GPU with preallocation off:
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/train.py --quant nf4 --quant none
+    python bench/train.py --small            # tiny shapes, to check the script on CPU
+
+Each configuration runs in its own process, so "peak memory" is that configuration's own peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+SMALL = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+def random_params(config, quant: str, key):
+    """bf16 params with random weights, made one layer at a time so the peak stays near the result."""
+    import jax
+    import jax.numpy as jnp
+
+    from jft.nn.transformer import init_params, param_shapes
+    from jft.quant import quantize
+
+    one_layer = config.__class__(**{**config.__dict__, "num_layers": 1, "sliding_layers": config.sliding_layers[:1]})
+
+    def layer(k):
+        p = init_params(one_layer, k, jnp.bfloat16)["layers"]
+        p = {n: v[0] for n, v in p.items()}
+        if quant != "none":
+            p = {n: quantize(v, quant) if v.ndim == 2 else v for n, v in p.items()}
+        return p
+
+    layers = jax.jit(lambda ks: jax.lax.map(layer, ks))(jax.random.split(key, config.num_layers))
+    shapes = param_shapes(config)
+    out = {"layers": layers,
+           "embed": (jax.random.normal(key, shapes["embed"], jnp.bfloat16) * 0.02),
+           "final_norm": jnp.ones(shapes["final_norm"], jnp.bfloat16)}
+    if "lm_head" in shapes:
+        out["lm_head"] = jax.random.normal(jax.random.fold_in(key, 1), shapes["lm_head"], jnp.bfloat16) * 0.02
+    return out
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """Measured dense bf16 matmul rate (the MFU ceiling)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a, a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def model_flops_per_token(config, seq: int, r: int) -> float:
+    """Useful FLOPs per trained token: forward 2N, backward to activations 2N (the base is frozen:
+    no weight gradients), plus LoRA's own forward/backward (6 per LoRA parameter) and attention."""
+    c = config
+    per_layer = c.hidden_size * (c.q_dim + 2 * c.kv_dim + c.q_dim) + 3 * c.hidden_size * c.intermediate_size
+    dense = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    lora = c.num_layers * r * (c.q_dim + c.hidden_size + 2 * (c.kv_dim + c.hidden_size) + c.q_dim + c.hidden_size
+                               + 3 * (c.intermediate_size + c.hidden_size))
+    attention = c.num_layers * 2 * 2 * seq * c.q_dim / 2  # QK^T and PV, causal half, per token (fwd)
+    return 4 * dense + 6 * lora + 2 * attention
+
+
+def run_one(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import jft
+    from jft.config import config_from_hf
+
+    config = config_from_hf(SMALL if args.small else LLAMA3_8B)
+    if args.kernels:
+        jft.kernels.use(args.kernels)
+    params = random_params(config, args.quant[0], jax.random.key(0))
+    model = jft.Model(config, params)
+    lora = jft.lora.init(model, r=args.r, alpha=args.r, targets="all-linear", key=jax.random.key(1))
+    opt = optax.adamw(2e-4)
+    opt_state = opt.init(lora)
+    step = jft.train.make_sft_step(config, opt, remat=args.remat, attn_impl=args.attn)
+    b, t = args.batch, args.seq
+    ids = jax.random.randint(jax.random.key(2), (b, t), 0, config.vocab_size, jnp.int32)
+    batch = {"input_ids": ids, "labels": ids, "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+             "segment_ids": jnp.ones((b, t), jnp.int32)}
+    t0 = time.perf_counter()
+    lora, opt_state, metrics = step(params, lora, opt_state, batch)
+    float(metrics["loss"])
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        lora, opt_state, metrics = step(params, lora, opt_state, batch)
+    float(metrics["loss"])
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        lora, opt_state, metrics = step(params, lora, opt_state, batch)
+        float(metrics["loss"])
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use", 0)
+    return {"quant": args.quant[0], "attn": args.attn, "remat": args.remat, "kernels": args.kernels or "auto",
+            "batch": b, "seq": t, "r": args.r, "tokens_per_s": b * t / step_s, "step_s": step_s,
+            "compile_s": compile_s, "peak_gib": peak / 2**30, "params_gib": jft.quant.param_bytes(params) / 2**30,
+            "model_tflops_per_s": model_flops_per_token(config, t, args.r) * b * t / step_s / 1e12,
+            "loss": float(metrics["loss"])}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quant", action="append", choices=["none", "nf4", "fp8"], help="repeat for several runs")
+    p.add_argument("--attn", default=None, help="comma list of xla, cudnn (default: cudnn on GPU, xla on CPU)")
+    p.add_argument("--remat", default="full", help="comma list of none, full, save_dots, offload")
+    p.add_argument("--kernels", default=None, help="comma list of reference, pallas, auto")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--small", action="store_true", help="tiny shapes (for checking the script on CPU)")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one config in this process
+    p.add_argument("--json", help="also write the rows to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    args.quant = args.quant or ["nf4", "none"]
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    attns = (args.attn or ("cudnn" if on_gpu else "xla")).split(",")
+    rows = []
+    ceiling = matmul_tflops(1024 if args.small else 8192)
+    print(f"device: {jax.devices()[0].device_kind}; measured bf16 matmul: {ceiling:.0f} TFLOP/s; jax {jax.__version__}")
+    header = f"{'quant':>5} {'attn':>6} {'remat':>9} {'kernels':>9} {'batch x seq':>12} {'tok/s':>9} {'step s':>7} {'peak GiB':>9} {'MFU':>6}"
+    print(header)
+    for quant in args.quant:
+        for attn in attns:
+            for remat in args.remat.split(","):
+                for kernels in (args.kernels or "auto").split(","):
+                    cmd = [sys.executable, __file__, "--one", "--quant", quant, "--attn", attn, "--remat", remat,
+                           "--kernels", kernels, "--r", str(args.r), "--batch", str(args.batch), "--seq", str(args.seq),
+                           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
+                    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if done.returncode != 0:
+                        tail = done.stderr.strip().splitlines()[-3:]
+                        print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} failed: {' | '.join(tail)[:300]}")
+                        continue
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                    row["mfu"] = row["model_tflops_per_s"] / ceiling
+                    rows.append(row)
+                    print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} {row['batch']:>5} x {row['seq']:<5} "
+                          f"{row['tokens_per_s']:>9.0f} {row['step_s']:>7.3f} {row['peak_gib']:>9.2f} {row['mfu']:>6.1%}",
+                          flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"matmul_tflops": ceiling, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Pallas NF4 kernels (interpret mode on CPU) against the jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jft.kernels import nf4 as kernels
+from jft.quant import quantize
+
+
+def random_nf4(shape, blocksize=64, double_quant=True, seed=0, dtype=jnp.float32):
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return quantize(jnp.asarray(w).astype(dtype), "nf4", blocksize=blocksize, double_quant=double_quant)
+
+
+def bits(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+@pytest.mark.parametrize(
+    "shape, blocksize, double_quant, dtype",
+    [
+        ((33, 47), 64, True, jnp.bfloat16),  # ragged: 1551 elements, odd, last block of 15
+        ((3, 5), 32, False, jnp.float32),  # fewer elements than one block
+        ((2, 40, 96), 64, True, jnp.float16),  # stacked layers
+        ((130, 256), 128, True, jnp.float32),  # several programs, the last one partial
+    ],
+)
+def test_pallas_dequantize_equals_reference_exactly(shape, blocksize, double_quant, dtype):
+    q = random_nf4(shape, blocksize, double_quant)
+    reference = kernels.dequantize(q, dtype, impl="reference")
+    pallas = kernels.dequantize(q, dtype, impl="pallas", interpret=True)
+    assert pallas.shape == shape and pallas.dtype == dtype
+    assert np.array_equal(bits(pallas), bits(reference))
+
+
+def test_pallas_dequantize_writes_every_element():
+    """The output buffer starts as NaN (aliased into the kernel); none may survive."""
+    q = random_nf4((2, 65, 256), blocksize=64)  # 2 x 260 blocks: 5 programs of 128, the last partial
+    packed, absmax = kernels._blocked_operands(q)
+    poison = jnp.full((2 * q.n_blocks, q.blocksize), jnp.nan, jnp.float32)
+    out = kernels._dequantize_blocks(packed, absmax, jnp.float32, interpret=True, out_init=poison)
+    assert not np.isnan(np.asarray(out)).any()
+    assert np.array_equal(np.asarray(out).reshape(q.shape), np.asarray(kernels.dequantize_reference(q, jnp.float32)))
+
+
+def test_pallas_dequantize_under_jit():
+    q = random_nf4((64, 96))
+    fn = jax.jit(lambda leaf: kernels.dequantize(leaf, jnp.float32, impl="pallas", interpret=True))
+    assert np.array_equal(np.asarray(fn(q)), np.asarray(kernels.dequantize_reference(q, jnp.float32)))
+
+
+@pytest.mark.parametrize(
+    "tokens, rows, cols, blocksize",
+    [
+        (3, 40, 192, 64),  # 3 blocks per row: one quantization block per program, 3 partial sums
+        (16, 72, 256, 64),  # 4 blocks per program; rows ragged against the 64-row tile
+        (1, 24, 256, 128),
+    ],
+)
+def test_pallas_nf4_matmul_matches_reference(tokens, rows, cols, blocksize):
+    q = random_nf4((rows, cols), blocksize, seed=tokens)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((tokens, cols)), jnp.float32)
+    reference = kernels.nf4_matmul(x, q, impl="reference")
+    fused = kernels.nf4_matmul(x, q, impl="pallas", interpret=True)
+    assert fused.shape == (tokens, rows) and fused.dtype == jnp.float32
+    # Same weights and products; only the float32 summation order differs.
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_nf4_matmul_bf16_and_batch_dims():
+    q = random_nf4((48, 128), seed=2)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 3, 128)), jnp.bfloat16)
+    fused = kernels.nf4_matmul(x, q, impl="pallas", interpret=True)
+    reference = kernels.nf4_matmul_reference(x, q)
+    assert fused.shape == (2, 3, 48) and fused.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(reference, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_unsupported_shapes_fall_back_or_raise():
+    ragged_rows = random_nf4((8, 40))  # 40 input features: rows are not whole blocks
+    assert not kernels.pallas_matmul_supported(ragged_rows)
+    x = jnp.ones((2, 40), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(kernels.nf4_matmul(x, ragged_rows)), np.asarray(x @ ragged_rows.dequantize().T))
+    with pytest.raises(ValueError, match="does not support"):
+        kernels.nf4_matmul_pallas(x, ragged_rows, interpret=True)
+    with pytest.raises(ValueError, match="unknown impl"):
+        kernels.dequantize(ragged_rows, impl="cuda")
+    odd_block = random_nf4((4, 48), blocksize=48)
+    with pytest.raises(ValueError, match="power-of-two blocksize"):
+        kernels.dequantize(odd_block, impl="pallas", interpret=True)
