@@ -4,6 +4,8 @@
 JFT_KERNELS picks the implementation; see registry.py. The functions below dispatch through it.
 """
 
+import importlib.util
+
 from jft.kernels import attention as _attention
 from jft.kernels import cross_entropy as _cross_entropy
 from jft.kernels import glu as _glu
@@ -55,6 +57,10 @@ def attention(q, k, v, q_positions, k_positions, q_segment_ids=None, k_segment_i
         q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids, **kwargs
     )
 
+
+# Ops living in other modules register themselves on import (e.g. the NF4 kernels).
+if importlib.util.find_spec("jft.kernels.nf4") is not None:
+    from jft.kernels import nf4 as _nf4  # noqa: F401
 
 __all__ = [
     "attention",

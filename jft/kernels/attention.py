@@ -178,7 +178,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse
     k, v, k_pos, k_seg = k_ref[...], v_ref[...], kp_ref[...], ks_ref[...]
 
     def q_block(n, carry):
-        g, i = n // q_blocks, n % q_blocks
+        g = jax.lax.div(n, q_blocks)  # jnp's // and % do not lower to Triton
+        i = n - g * q_blocks
         rows = pl.ds(i * bq, bq)
         mask = _visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, cfg.window)
 

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jft.kernels import registry
-from jft.kernels.registry import cdiv, next_pow2, unchecked_start
+from jft.kernels.registry import cdiv, next_pow2
 
 
 class _Config(NamedTuple):
@@ -74,14 +74,14 @@ def _reference_stats(logits, labels, start, fresh_from, cfg):
     return m, s, z_label
 
 
-def _reference_grad(logits, labels, lse, g_loss, g_lse, start, cfg):
+def _reference_grad(logits, labels, lse, g_loss, g_lse, start, cfg, dtype):
     z = _transform(logits, cfg)
     cols = start + jnp.arange(z.shape[1])[None, :]
     p = jnp.exp(z - lse[:, None])
     dz = (g_loss + g_lse)[:, None] * p - jnp.where(cols == labels[:, None], g_loss[:, None], 0.0)
     if cfg.softcap is not None:
         dz = dz * (1.0 - jnp.square(z / cfg.softcap))
-    return dz * cfg.logit_scale
+    return (dz * cfg.logit_scale).astype(dtype)
 
 
 # Pallas tiles: rows in blocks of ROW_BLOCK, columns in blocks of COL_BLOCK, ragged ends masked.
@@ -167,7 +167,7 @@ def _grad_kernel(logits_ref, labels_ref, lse_ref, gl_ref, gz_ref, bounds_ref, d_
     plgpu.store(d_ref.at[rows_at, pl.ds(c0, bc)], (dz * cfg.logit_scale).astype(d_ref.dtype), mask=ok)
 
 
-def _pallas_grad(logits, labels, lse, g_loss, g_lse, start, cfg):
+def _pallas_grad(logits, labels, lse, g_loss, g_lse, start, cfg, dtype):
     rows, cols = logits.shape
     br, bc = min(ROW_BLOCK, next_pow2(rows)), min(COL_BLOCK, next_pow2(cols))
     bounds = jnp.reshape(start, (1,)).astype(jnp.int32)
@@ -176,7 +176,7 @@ def _pallas_grad(logits, labels, lse, g_loss, g_lse, start, cfg):
     kernel = functools.partial(_grad_kernel, rows=rows, cols=cols, br=br, bc=bc, cfg=cfg)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(logits.shape, jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(logits.shape, dtype),
         grid=(cdiv(rows, br), cdiv(cols, bc)),
         in_specs=[whole(a) for a in inputs],
         out_specs=whole(logits),
@@ -259,6 +259,7 @@ def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
     g_loss = jnp.where(labels == cfg.ignore_index, 0.0, g_loss)
     chunks = _token_chunks(cfg, hidden, (labels, cfg.ignore_index), (lse, 0.0), (g_loss, 0.0), (g_lse, 0.0))
     padded = chunks[0].shape[0] * chunks[0].shape[1]
+    compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
 
     def vocab_step(dh, j):
         w, start, fresh_from = _vocab_chunk(weight, j, cfg)
@@ -268,8 +269,7 @@ def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
 
         def token_step(dw, xs):
             h, y, lse_c, gl, gz = xs
-            d_logits = grad_tile(_dot_t(h, w), y, lse_c, gl, gz, start, cfg)
-            d_logits = d_logits.astype(jnp.promote_types(hidden.dtype, weight.dtype))
+            d_logits = grad_tile(_dot_t(h, w), y, lse_c, gl, gz, start, cfg, compute_dtype)
             dh_c = jnp.dot(d_logits, w_fresh.astype(d_logits.dtype), preferred_element_type=jnp.float32)
             dw = dw + _dot_t(d_logits.T, h.T)
             return dw, dh_c

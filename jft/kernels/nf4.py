@@ -122,7 +122,8 @@ def dequantize_pallas(q: NF4, dtype=None, interpret: bool | None = None) -> jax.
 
 
 registry.register("nf4_dequantize", dequantize_reference)
-registry.register_pallas("nf4_dequantize", dequantize_pallas)
+# measured on the H200 (docs/quantization.md): 3.1 TB/s against 0.7 TB/s for the XLA reference
+registry.register_pallas("nf4_dequantize", dequantize_pallas, auto_backends=("gpu",))
 
 
 def dequantize(q: NF4, dtype=None, impl: str | None = None, interpret: bool | None = None) -> jax.Array:

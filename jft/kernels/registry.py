@@ -32,6 +32,10 @@ class Op:
 
 _OPS: dict[str, Op] = {}
 
+# Ops whose Pallas version beat XLA in bench/kernels.py on the H200 (see docs/benchmarks.md);
+# `auto` uses Pallas for them on these backends. Empty until measured.
+MEASURED_WINS: dict[str, tuple[str, ...]] = {}
+
 
 def _checked_mode(mode: str) -> str:
     if mode not in MODES:
@@ -52,10 +56,13 @@ def register(name: str, reference: Callable) -> Op:
     return op
 
 
-def register_pallas(name: str, fn: Callable, auto_backends=("gpu",)) -> None:
-    """Attach a Pallas implementation to a registered op; `auto` uses it on `auto_backends`."""
+def register_pallas(name: str, fn: Callable, auto_backends=None) -> None:
+    """Attach a Pallas implementation to a registered op; `auto` uses it on `auto_backends`
+    (default: the backends MEASURED_WINS lists for the op)."""
     if name not in _OPS:
         raise KeyError(f"register the reference of {name!r} before its Pallas implementation")
+    if auto_backends is None:
+        auto_backends = MEASURED_WINS.get(name, ())
     _OPS[name].pallas = fn
     _OPS[name].auto_backends = frozenset(auto_backends)
 

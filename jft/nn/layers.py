@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.config import Config, Rope
+from jft.kernels import nf4 as nf4_kernels
+from jft.quant import NF4
 
 
 def rms_norm(x, w, eps: float, offset: float = 0.0):
@@ -19,7 +21,10 @@ def rms_norm(x, w, eps: float, offset: float = 0.0):
 
 
 def dense(w, dtype):
-    """A weight as a dense array of `dtype`, dequantizing quantized leaves."""
+    """A weight as a dense array of `dtype`, dequantizing quantized leaves (NF4 through the kernel
+    registry: Pallas on GPU, the jnp reference elsewhere)."""
+    if isinstance(w, NF4):
+        return nf4_kernels.dequantize(w, dtype)
     if hasattr(w, "dequantize"):
         return w.dequantize(dtype)
     return w.astype(dtype)

@@ -1,0 +1,268 @@
+"""Time jft's kernels: Pallas vs the XLA-compiled reference, forward and forward+backward.
+
+    python bench/kernels.py            # on the H200: Llama-3-8B and Gemma-2-9B shapes, 4096 tokens
+    python bench/kernels.py --small    # tiny shapes; runs anywhere (Pallas in interpret mode on CPU)
+
+Each timing is the median over --samples samples of --calls back-to-back calls of one jitted
+function (after warm-up), divided by --calls. Memory-bound ops report GB/s of the minimal HBM
+traffic against a copy measured in the same run; matmul-bound ops report TFLOP/s of useful work
+against a bf16 matmul measured in the same run. "fwd+bwd" runs jax.vjp and the pullback together.
+A row whose implementation fails to compile or run prints the error instead of a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jft.kernels.attention import attention_pallas, attention_reference  # noqa: E402
+from jft.kernels.cross_entropy import (  # noqa: E402
+    linear_cross_entropy_pallas,
+    linear_cross_entropy_reference,
+)
+from jft.kernels.glu import geglu_pallas, geglu_reference, swiglu_pallas, swiglu_reference  # noqa: E402
+from jft.kernels.rmsnorm import (  # noqa: E402
+    rmsnorm_pallas,
+    rmsnorm_reference,
+    rmsnorm_residual_pallas,
+    rmsnorm_residual_reference,
+)
+from jft.kernels.rope import rope_pallas, rope_reference  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    glu: str  # "swiglu" or "geglu"
+    norm_offset: float
+    attn_softcap: float | None
+    final_softcap: float | None
+    window: int | None
+    attn_scale: float | None
+
+
+LLAMA3_8B = Model("llama3-8b", 4096, 14336, 32, 8, 128, 128256, "swiglu", 0.0, None, None, None, None)
+GEMMA2_9B = Model("gemma2-9b", 3584, 14336, 16, 8, 256, 256000, "geglu", 1.0, 50.0, 30.0, 4096, 256**-0.5)
+SMALL = [
+    Model("tiny-llama", 64, 160, 4, 2, 32, 500, "swiglu", 0.0, None, None, None, None),
+    Model("tiny-gemma", 48, 96, 2, 1, 64, 700, "geglu", 1.0, 50.0, 30.0, 16, 0.125),
+]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _median_seconds(fn, args, calls, samples, warmup):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def _temp_bytes(fn, args):
+    try:
+        return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    except Exception:  # memory analysis is not available on every backend
+        return None
+
+
+def _forward_backward(op):
+    """A jitted function running op's forward and its pullback for a fixed random cotangent."""
+
+    def run(args, cotangent):
+        out, pullback = jax.vjp(op, *args)
+        return pullback(cotangent)
+
+    return jax.jit(run)
+
+
+def _cotangent(op, args):
+    shapes = jax.eval_shape(op, *args)
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return tree.unflatten([jax.random.normal(k, s.shape, jnp.float32).astype(s.dtype) for k, s in zip(keys, leaves)])
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def measure_ceilings(small, opts):
+    n = (1 << 16) if small else (1 << 29)  # bf16 elements: 1 GiB on the GPU
+    x = jnp.ones((n,), jnp.bfloat16)
+    copy = jax.jit(lambda x: x + 1)
+    copy_s = _median_seconds(copy, (x,), opts.calls, opts.samples, opts.warmup)
+    m = 256 if small else 8192
+    a = jnp.ones((m, m), jnp.bfloat16)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    mm_s = _median_seconds(matmul, (a, a), opts.calls, opts.samples, opts.warmup)
+    return {"GB/s": 2 * n * 2 / copy_s / 1e9, "TFLOP/s": 2 * m**3 / mm_s / 1e12}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    impls: dict[str, Callable]  # name -> function of *args
+    args: tuple
+    unit: str  # "GB/s" or "TFLOP/s"
+    work_fwd: float  # bytes or flops of the forward
+    work_fwd_bwd: float
+
+
+def _normal(key, shape, dtype=jnp.bfloat16):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def cases(model: Model, tokens: int) -> list[Case]:
+    k = jax.random.split(jax.random.key(0), 8)
+    n, d, f = tokens, model.hidden, model.ffn
+    hq, hkv, hd = model.heads, model.kv_heads, model.head_dim
+    el = 2  # bf16 bytes
+    x, r, w = _normal(k[0], (n, d)), _normal(k[1], (n, d)), _normal(k[2], (d,))
+    eps, off = 1e-6, model.norm_offset
+    out = [
+        Case("rmsnorm", {
+            "xla": lambda x, w: rmsnorm_reference(x, w, eps, off),
+            "pallas": lambda x, w: rmsnorm_pallas(x, w, eps, off),
+        }, (x, w), "GB/s", 2 * n * d * el, 5 * n * d * el),
+        Case("rmsnorm+residual", {
+            "xla": lambda x, r, w: rmsnorm_residual_reference(x, r, w, eps, off),
+            "pallas": lambda x, r, w: rmsnorm_residual_pallas(x, r, w, eps, off),
+        }, (x, r, w), "GB/s", 4 * n * d * el, 8 * n * d * el),
+    ]
+    q, kk = _normal(k[3], (1, n, hq, hd)), _normal(k[4], (1, n, hkv, hd))
+    positions = jnp.arange(n)[None]
+    inv_freq = 1.0 / 500000.0 ** (jnp.arange(0, hd, 2) / hd)
+    qk_bytes = 2 * n * (hq + hkv) * hd * el
+    out.append(Case("rope", {
+        "xla": lambda q, kk: rope_reference(q, kk, positions, inv_freq),
+        "pallas": lambda q, kk: rope_pallas(q, kk, positions, inv_freq),
+    }, (q, kk), "GB/s", qk_bytes, 2 * qk_bytes))
+    g, u = _normal(k[5], (n, f)), _normal(k[6], (n, f))
+    glu_ref, glu_pal = (swiglu_reference, swiglu_pallas) if model.glu == "swiglu" else (geglu_reference, geglu_pallas)
+    out.append(Case(model.glu, {"xla": glu_ref, "pallas": glu_pal}, (g, u), "GB/s", 3 * n * f * el, 8 * n * f * el))
+
+    v = model.vocab
+    head = _normal(k[7], (v, d)) * 0.02
+    labels = jax.random.randint(k[0], (n,), 0, v)
+    ce_kw = dict(softcap=model.final_softcap)
+    out.append(Case("linear+CE", {
+        "xla-unfused": lambda h, wt: _unfused_cross_entropy(h, wt, labels, **ce_kw),
+        "xla-chunked": lambda h, wt: linear_cross_entropy_reference(h, wt, labels, **ce_kw),
+        "pallas": lambda h, wt: linear_cross_entropy_pallas(h, wt, labels, **ce_kw),
+    }, (x, head), "TFLOP/s", 2 * n * d * v, 8 * n * d * v))
+
+    qa, ka, va = _normal(k[1], (1, n, hq, hd)), _normal(k[2], (1, n, hkv, hd)), _normal(k[3], (1, n, hkv, hd))
+    causal_flops = 4 * n * n * hq * hd / 2
+    attn_kw = dict(scale=model.attn_scale, softcap=model.attn_softcap)
+    for window in [None] + ([model.window // 4] if model.window else []):
+        impls = {
+            "xla": lambda q, k_, v_, w_=window: attention_reference(q, k_, v_, positions, positions, window=w_, **attn_kw),
+            "pallas": lambda q, k_, v_, w_=window: attention_pallas(q, k_, v_, positions, positions, window=w_, **attn_kw),
+        }
+        if model.attn_softcap is None and jax.default_backend() == "gpu":
+            impls["cudnn"] = lambda q, k_, v_, w_=window: jax.nn.dot_product_attention(
+                q, k_, v_, scale=model.attn_scale, is_causal=True, implementation="cudnn",
+                local_window_size=None if w_ is None else (w_ - 1, 0),
+            )
+        name = "attention" + ("" if window is None else f" window={window}")
+        out.append(Case(name, impls, (qa, ka, va), "TFLOP/s", causal_flops, 3.5 * causal_flops))
+    return out
+
+
+def _unfused_cross_entropy(hidden, weight, labels, softcap=None):
+    logits = jnp.dot(hidden, weight.T, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return lse - label_logit, lse
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def run_case(case: Case, ceilings, opts):
+    rows = []
+    for impl, op in case.impls.items():
+        for phase, work in (("fwd", case.work_fwd), ("fwd+bwd", case.work_fwd_bwd)):
+            try:
+                if phase == "fwd":
+                    fn, args = jax.jit(op), case.args
+                else:
+                    fn, args = _forward_backward(op), (case.args, _cotangent(op, case.args))
+                seconds = _median_seconds(fn, args, opts.calls, opts.samples, opts.warmup)
+                temp = _temp_bytes(fn, args)
+                rate = work / seconds / (1e9 if case.unit == "GB/s" else 1e12)
+                rows.append((case.op, impl, phase, f"{seconds * 1e3:9.3f}", f"{rate:9.4g} {case.unit}",
+                             f"{100 * rate / ceilings[case.unit]:5.1f}%",
+                             "-" if temp is None else f"{temp / 2**20:9.1f}"))
+            except Exception as e:  # keep the rest of the table when one implementation fails
+                message = f"{type(e).__name__}: {e}".splitlines()[0][:90]
+                rows.append((case.op, impl, phase, "FAILED", message, "", ""))
+    return rows
+
+
+def print_table(title, rows):
+    header = ("op", "impl", "pass", "ms", "achieved", "of ceiling", "temp MiB")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per op (default 4096; 64 with --small)")
+    parser.add_argument("--ops", default="", help="comma-separated op name prefixes to run (default: all)")
+    parser.add_argument("--calls", type=int, default=None, help="back-to-back calls per sample")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    opts = parser.parse_args(argv)
+    opts.calls = opts.calls or (2 if opts.small else 20)
+    opts.samples = opts.samples or (3 if opts.small else 15)
+    tokens = opts.tokens or (64 if opts.small else 4096)
+    models = SMALL if opts.small else [LLAMA3_8B, GEMMA2_9B]
+    wanted = [s for s in opts.ops.split(",") if s]
+
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    ceilings = measure_ceilings(opts.small, opts)
+    print(f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, bf16 matmul {ceilings['TFLOP/s']:.1f} TFLOP/s")
+    for model in models:
+        rows = []
+        for case in cases(model, tokens):
+            if wanted and not any(case.op.startswith(w) for w in wanted):
+                continue
+            rows.extend(run_case(case, ceilings, opts))
+        print_table(f"{model.name}, {tokens} tokens, bf16", rows)
+
+
+if __name__ == "__main__":
+    main()
