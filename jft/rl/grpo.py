@@ -1,0 +1,440 @@
+"""GRPO on a LoRA: the functional step (`make_grpo_step`) and the loop (`GRPO.fit`).
+
+A step's batch holds B = prompts_per_step * num_generations completions laid out as one row each:
+the prompt left-padded to P, then the completion right-padded to C = max_completion_length:
+
+    input_ids, positions, segment_ids  [B, P + C]   (segment 0 = padding)
+    completion_mask                    [B, C]       (1 on completion tokens, stop token included)
+    advantages                         [B]
+    old_logprobs (optional)            [B, C]       (when num_iterations > 1)
+
+Completion log-probs come from the final hidden states through the fused chunked lm_head +
+cross-entropy kernel, so [B, T, V] logits never exist. The reference policy is the same params
+with the LoRA switched off (lora=None): no second model in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jft import kernels
+from jft.config import Config
+from jft.nn.generate import bucket
+from jft.nn.transformer import forward_hidden, output_weight
+from jft.rl.engine import Completions, JaxEngine, SamplingParams
+from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
+from jft.rl.rewards import compute_rewards, reward_name
+from jft.train.optim import adamw, schedule
+from jft.train.sft import TrainingDiverged, plot_losses
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """GRPO settings; names follow TRL's GRPOConfig where one exists."""
+
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    micro_batch_size: int | None = None  # completions per gradient micro-batch (None: all at once)
+    num_iterations: int = 1  # optimizer steps per generation batch (mu)
+    learning_rate: float = 5e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    beta: float = 0.0  # KL coefficient (0: no reference forward pass at all)
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon (DAPO uses 0.28)
+    delta: float | None = None
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"  # "sequence" for GSPO
+    scale_rewards: str = "group"  # "group", "batch" or "none" (Dr. GRPO)
+    reward_weights: tuple[float, ...] | None = None
+    mask_truncated_completions: bool = False
+    max_prompt_length: int | None = 512
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    remat: str = "full"
+    out_dir: str | None = None
+    checkpoint_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.num_generations < 2 and self.scale_rewards != "none":
+            raise ValueError("num_generations must be >= 2: advantages compare completions within a group")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide prompts_per_step * num_generations"
+                             f" = {self.batch_size}")
+        if self.checkpoint_every and not self.out_dir:
+            raise ValueError("checkpoint_every needs out_dir")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_completion_length, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, min_p=self.min_p, stop=tuple(self.stop), seed=self.seed)
+
+
+# --- the functional core -----------------------------------------------------------------------
+
+
+def completion_logprobs(config: Config, params, lora, batch, *, temperature: float = 1.0, remat: str = "full",
+                        attn_impl: str = "xla"):
+    """log pi(token | prefix) of every completion token [B, C] at `temperature` (0 where masked)."""
+    mask = batch["completion_mask"]
+    c = mask.shape[1]
+    p = batch["input_ids"].shape[1] - c
+    hidden, _ = forward_hidden(config, params, batch["input_ids"], batch["positions"], batch["segment_ids"], lora=lora,
+                               remat=remat, attn_impl=attn_impl)
+    h = hidden[:, p - 1 : p + c - 1]  # the hidden state before each completion token predicts it
+    b, _, d = h.shape
+    labels = jnp.where(mask > 0, batch["input_ids"][:, p:], IGNORE)
+    weight = output_weight(config, params, lora)
+    weight = weight.dequantize(h.dtype) if hasattr(weight, "dequantize") else weight.astype(h.dtype)
+    t = 1.0 if temperature == 0 else float(temperature)
+    # softcap(x) / T == softcap_{cap/T}(x / T): temperature folds into the kernel's scale and cap
+    cap = None if config.final_logit_softcap is None else config.final_logit_softcap / t
+    loss, _ = kernels.linear_cross_entropy(h.reshape(b * c, d), weight, labels.reshape(-1), ignore_index=IGNORE,
+                                           softcap=cap, logit_scale=1.0 / t)
+    return -loss.reshape(b, c)
+
+
+def _loss_kwargs(cfg: GRPOConfig) -> dict:
+    return dict(beta=cfg.beta, epsilon_low=cfg.epsilon,
+                epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high, loss_type=cfg.loss_type,
+                importance_sampling_level=cfg.importance_sampling_level,
+                max_completion_length=cfg.max_completion_length, delta=cfg.delta)
+
+
+def grpo_loss(config: Config, params, lora, batch, cfg: GRPOConfig, *, num_items=None, attn_impl: str = "xla"):
+    """The GRPO loss of one (micro-)batch and its metrics; the reference policy is `lora=None`."""
+    logps = completion_logprobs(config, params, lora, batch, temperature=cfg.temperature, remat=cfg.remat,
+                                attn_impl=attn_impl)
+    old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logps)
+    ref = None
+    if cfg.beta != 0.0:
+        ref = jax.lax.stop_gradient(completion_logprobs(config, params, None, batch, temperature=cfg.temperature,
+                                                        remat=cfg.remat, attn_impl=attn_impl))
+    return policy_loss(logps, old, batch["advantages"], batch["completion_mask"], ref_logps=ref, num_items=num_items,
+                       **_loss_kwargs(cfg))
+
+
+_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "completion_mask", "advantages", "old_logprobs")
+
+
+def make_grpo_step(config: Config, optimizer: optax.GradientTransformation, cfg: GRPOConfig, *, attn_impl: str = "xla",
+                   donate: bool = True):
+    """A jitted `(params, lora, opt_state, batch) -> (lora, opt_state, metrics)` (batch as in the module docstring).
+
+    With cfg.micro_batch_size, the B rows are split into micro-batches whose gradients are summed;
+    grpo / bnpo / dr_grpo average the micro-batch losses (as TRL does under gradient accumulation),
+    dapo divides every micro-batch by the completion-token count of the whole batch.
+    """
+
+    def micro_loss(lora, params, mb, num_items, n_micro):
+        loss, metrics = grpo_loss(config, params, lora, mb, cfg, num_items=num_items, attn_impl=attn_impl)
+        if cfg.loss_type != "dapo":
+            loss = loss / n_micro
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(params, lora, opt_state, batch):
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if k in _BATCH_KEYS}
+        b = batch["input_ids"].shape[0]
+        mb_size = cfg.micro_batch_size or b
+        if b % mb_size:
+            raise ValueError(f"batch of {b} completions is not divisible by micro_batch_size={mb_size}")
+        k = b // mb_size
+        micro = {name: v.reshape(k, mb_size, *v.shape[1:]) for name, v in batch.items()}
+        num_items = jnp.sum(batch["completion_mask"]).astype(jnp.float32)
+
+        def body(carry, mb):
+            grads, loss_sum = carry
+            (loss, metrics), g = grad_fn(lora, params, mb, num_items, k)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        metrics = {name: jnp.mean(v) for name, v in metrics.items()}
+        return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+
+    return jax.jit(step, donate_argnums=(1, 2) if donate else ())
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def build_batch(completions: Completions, advantages, *, max_completion_length: int, pad_id: int,
+                mask_truncated: bool = False) -> dict:
+    """The step's arrays (see the module docstring) from engine output; prompt width is bucketed."""
+    b, c = len(completions), max_completion_length
+    p = bucket(max(len(x) for x in completions.prompt_ids))
+    ids = np.full((b, p + c), pad_id, np.int32)
+    positions = np.zeros((b, p + c), np.int32)
+    segments = np.zeros((b, p + c), np.int32)
+    mask = np.zeros((b, c), np.int32)
+    for row, (prompt, comp) in enumerate(zip(completions.prompt_ids, completions.ids)):
+        comp = comp[:c]
+        n_p, n_c = len(prompt), len(comp)
+        ids[row, p - n_p : p] = prompt
+        ids[row, p : p + n_c] = comp
+        positions[row, p - n_p : p + n_c] = np.arange(n_p + n_c)
+        segments[row, p - n_p : p + n_c] = 1
+        if not (mask_truncated and completions.finish_reason[row] == "length"):
+            mask[row, :n_c] = 1
+    return {"input_ids": ids, "positions": positions, "segment_ids": segments, "completion_mask": mask,
+            "advantages": np.asarray(advantages, np.float32)}
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GRPOState:
+    lora: object
+    opt_state: object
+    step: int
+    history: list[dict]
+
+
+def _rows(dataset) -> list[dict]:
+    rows = [dict(r) for r in dataset]
+    if not rows:
+        raise ValueError("the prompts dataset is empty")
+    if "prompt" not in rows[0]:
+        raise ValueError(f"every row needs a 'prompt' column (a string or a list of chat messages); got {sorted(rows[0])}")
+    return rows
+
+
+def _prompt_stream(n_rows: int, per_step: int, seed: int, start_step: int):
+    """Row indices for each step: epoch e is a permutation seeded with seed + e."""
+    order, epoch, produced = [], 0, 0
+    while True:
+        while len(order) < per_step:
+            order.extend(np.random.default_rng(seed + epoch).permutation(n_rows).tolist())
+            epoch += 1
+        chunk, order = order[:per_step], order[per_step:]
+        if produced >= start_step:
+            yield chunk
+        produced += 1
+
+
+class GRPO:
+    """Group Relative Policy Optimization of a LoRA over a frozen (possibly quantized) model.
+
+    reward_fns: callables `(prompts, completions, completion_ids=..., **dataset_columns) -> list[float]`
+    (None entries count as missing); their weighted sum is the reward. `engine` defaults to a
+    `JaxEngine` on the model's own params. `fit(dataset, steps)` takes rows with a "prompt" (a string,
+    or chat messages rendered with the tokenizer's chat template) and any other columns.
+    """
+
+    def __init__(self, model, lora, reward_fns, engine=None, config: GRPOConfig | None = None, *,
+                 optimizer: optax.GradientTransformation | None = None):
+        self.model, self.lora = model, lora
+        self.reward_fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
+        if not self.reward_fns:
+            raise ValueError("give at least one reward function")
+        self.config = config or GRPOConfig()
+        weights = self.config.reward_weights
+        if weights is not None and len(weights) != len(self.reward_fns):
+            raise ValueError(f"{len(weights)} reward_weights for {len(self.reward_fns)} reward functions")
+        self.weights = np.ones(len(self.reward_fns), np.float32) if weights is None else np.asarray(weights, np.float32)
+        self.engine = engine or JaxEngine(model, lora, slots=self.config.batch_size,
+                                          max_prompt_length=self.config.max_prompt_length)
+        if getattr(self.engine, "max_prompt_length", None) is None and self.config.max_prompt_length:
+            self.engine.max_prompt_length = self.config.max_prompt_length
+        self.optimizer = optimizer
+        from jft.model import _pad_id
+
+        self.pad_id = _pad_id(model)
+
+    # -- prompts ------------------------------------------------------------------------------
+    def _render(self, prompt):
+        if isinstance(prompt, str):
+            return prompt
+        tok = self.model.tokenizer
+        if tok is None:
+            raise ValueError("chat-message prompts need a tokenizer with a chat template")
+        return tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+    # -- one generation batch -----------------------------------------------------------------
+    def rollout(self, rows: list[dict], lora, step: int):
+        """Samples the group completions of `rows` and scores them; returns (batch, metrics)."""
+        cfg, g = self.config, self.config.num_generations
+        self.engine.sync(self.model.params, lora)
+        texts = [self._render(r["prompt"]) for r in rows]
+        sampling = dataclasses.replace(cfg.sampling, seed=cfg.seed * 1_000_003 + step)
+        t0 = time.perf_counter()
+        comps = self.engine.generate(texts, n=g, sampling=sampling)
+        rollout_s = time.perf_counter() - t0
+        conversational = not isinstance(rows[0]["prompt"], str)
+        prompts = [r["prompt"] for r in rows for _ in range(g)]
+        completions = [[{"role": "assistant", "content": t}] if conversational else t for t in comps.text]
+        columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
+        total, per_fn = compute_rewards(self.reward_fns, self.weights, prompts, completions, comps.ids, columns)
+        advantages, group_std = group_advantages(total, g, cfg.scale_rewards)
+        batch = build_batch(comps, np.asarray(advantages), max_completion_length=cfg.max_completion_length,
+                            pad_id=self.pad_id, mask_truncated=cfg.mask_truncated_completions)
+        lengths = comps.lengths
+        metrics = {"reward": float(np.mean(total)), "reward_std": float(np.mean(np.asarray(group_std))),
+                   "frac_reward_zero_std": float(np.mean(np.asarray(group_std) == 0)),
+                   "completion_length": float(lengths.mean()), "completion_length_min": int(lengths.min()),
+                   "completion_length_max": int(lengths.max()),
+                   "truncated_fraction": float(np.mean([r == "length" for r in comps.finish_reason])),
+                   "rollout_s": rollout_s}
+        for fn, values in zip(self.reward_fns, per_fn):
+            name = reward_name(fn)
+            metrics[f"rewards/{name}/mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+            metrics[f"rewards/{name}/std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
+        return batch, metrics, comps
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(os.path.join(self.config.out_dir, "checkpoints"))
+        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def _save(self, manager, step, lora, opt_state, history):
+        import orbax.checkpoint as ocp
+
+        manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
+        manager.wait_until_finished()
+        path = os.path.join(self.config.out_dir, "checkpoints", f"history-{step}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(history, f)
+        os.replace(path + ".tmp", path)
+
+    def _restore(self, manager, lora, opt_state):
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        path = os.path.join(self.config.out_dir, "checkpoints", f"history-{step}.json")
+        history = json.load(open(path)) if os.path.exists(path) else []
+        return step, state["lora"], state["opt_state"], history
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, prompts_dataset, steps: int, *, resume: bool = False, callbacks=()) -> GRPOState:
+        """Runs `steps` generation batches (each followed by num_iterations optimizer steps)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        cfg = self.config
+        rows = _rows(prompts_dataset)
+        total_updates = steps * cfg.num_iterations
+        optimizer = self.optimizer or adamw(cfg.learning_rate, total_steps=total_updates, schedule_kind=cfg.lr_schedule,
+                                            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                                            max_grad_norm=cfg.max_grad_norm)
+        lr_at = schedule(cfg.learning_rate, total_updates, kind=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
+        lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
+        opt_state = optimizer.init(lora)
+        step_fn = make_grpo_step(self.model.config, optimizer, cfg)
+        logprob_fn = jax.jit(completion_logprobs, static_argnames=("config", "temperature", "remat"))
+
+        start, history = 0, []
+        manager = self._manager() if cfg.out_dir and (cfg.checkpoint_every or resume) else None
+        if resume and manager is not None:
+            restored = self._restore(manager, lora, opt_state)
+            if restored is not None:
+                start, lora, opt_state, history = restored
+        if start == 0 and cfg.out_dir and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
+            os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        stream = _prompt_stream(len(rows), cfg.prompts_per_step, cfg.seed, start)
+        bar = tqdm(total=steps, initial=start, desc="grpo", disable=not cfg.progress, dynamic_ncols=True)
+        for step in range(start, steps):
+            batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
+            t0 = time.perf_counter()
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            if cfg.num_iterations > 1:
+                batch["old_logprobs"] = logprob_fn(self.model.config, self.model.params, lora, batch,
+                                                   temperature=cfg.temperature, remat="none")
+            for _ in range(cfg.num_iterations):
+                lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(metrics["loss"]):
+                bar.close()
+                raise TrainingDiverged(f"loss became {metrics['loss']} at step {step + 1}; lower the learning rate "
+                                       "or check the reward functions")
+            record = {"step": step + 1, **record, **metrics, "lr": float(lr_at(step * cfg.num_iterations)),
+                      "step_s": time.perf_counter() - t0}
+            history.append(record)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                self._log(record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['completion_length']:.0f}",
+                            **({"kl": f"{record['kl']:.4f}"} if "kl" in record else {}))
+            bar.update(1)
+            if manager is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                self._save(manager, step + 1, lora, opt_state, history)
+            for cb in callbacks:
+                cb(step + 1, record)
+        bar.close()
+        if cfg.out_dir:
+            plot_rewards(history, os.path.join(cfg.out_dir, "reward.png"))
+            plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))
+        self.lora = lora
+        self.engine.sync(self.model.params, lora)
+        return GRPOState(lora, opt_state, steps, history)
+
+    def _log(self, record: dict) -> None:
+        if not self.config.out_dir:
+            return
+        os.makedirs(self.config.out_dir, exist_ok=True)
+        with open(os.path.join(self.config.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_rewards(history: list[dict], path: str) -> None:
+    """Mean reward (and each reward function's mean) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["reward"]) for h in history if "reward" in h]
+    if not points:
+        warnings.warn("no rewards recorded; no plot written", stacklevel=2)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*points), label="reward (weighted sum)", lw=1.6)
+    names = sorted({k.split("/")[1] for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    for name in names:
+        ax.plot(*zip(*[(h["step"], h[f"rewards/{name}/mean"]) for h in history if f"rewards/{name}/mean" in h]),
+                label=name, lw=1.0, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
