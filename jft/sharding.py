@@ -1,0 +1,103 @@
+"""Scale by sharding: a (data, fsdp, tensor) device mesh and where each canonical param lives on it.
+
+Params are placed by name: a linear weight [L, out, in] splits `out` over tensor and `in` over fsdp
+(the output projections o/down the other way round), embeddings split vocab over tensor and hidden
+over fsdp, norms are replicated. NF4 leaves, whose bytes are flat per matrix, split along their
+quantization blocks over fsdp. LoRA weights and optimizer state are small and stay replicated.
+Batches split their rows over data x fsdp. `jit` then partitions the unchanged step (GSPMD); on
+several hosts call `jax.distributed.initialize()` first and give each host its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+_OUT_IN = {"q", "k", "v", "gate", "up"}  # [L, out, in]: out over tensor, in over fsdp
+_IN_OUT = {"o", "down"}  # reduce back to the residual stream: out over fsdp, in over tensor
+
+
+def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A Mesh over all (or the given) devices; one axis may be -1 (whatever is left)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} tensor={tensor}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+
+
+def _fits(shape, spec, m: Mesh) -> P:
+    """`spec`, with every axis that does not divide its dimension dropped (that dim replicated)."""
+    out = []
+    for dim, axis in zip(shape, spec):
+        out.append(axis if axis is not None and dim % m.shape[axis] == 0 else None)
+    return P(*out)
+
+
+def _dense_spec(path: tuple[str, ...], ndim: int) -> tuple:
+    name = path[-1]
+    if name in ("embed", "lm_head"):
+        return ("tensor", "fsdp")
+    if path[0] == "layers" and ndim == 3:
+        if name in _OUT_IN:
+            return (None, "tensor", "fsdp")
+        if name in _IN_OUT:
+            return (None, "fsdp", "tensor")
+    if path[0] == "layers" and name.endswith("_bias"):
+        return (None, "tensor")
+    return (None,) * ndim
+
+
+def _leaf_sharding(path: tuple[str, ...], leaf, m: Mesh):
+    from jft.quant import NF4
+
+    if isinstance(leaf, NF4):
+        # every child is [L, ...flat blocks...]: split the last (block) axis over fsdp
+        return jax.tree.map(lambda x: NamedSharding(m, _fits(x.shape, (None,) * (x.ndim - 1) + ("fsdp",), m)), leaf)
+    if hasattr(leaf, "dequantize"):  # other quantized leaves: replicated
+        return jax.tree.map(lambda x: NamedSharding(m, P()), leaf)
+    return NamedSharding(m, _fits(leaf.shape, _dense_spec(path, leaf.ndim), m))
+
+
+def param_shardings(params: dict, m: Mesh):
+    """A pytree of NamedShardings matching `params` (quantized leaves expand to their children)."""
+    from jft.quant import is_quantized
+
+    def place(path, leaf):
+        return _leaf_sharding(tuple(getattr(p, "key", str(p)) for p in path), leaf, m)
+
+    return jax.tree_util.tree_map_with_path(place, params, is_leaf=is_quantized)
+
+
+def shard_params(params: dict, m: Mesh) -> dict:
+    return jax.device_put(params, param_shardings(params, m))
+
+
+def replicate(tree, m: Mesh):
+    return jax.device_put(tree, NamedSharding(m, P()))
+
+
+def shard_model(model, m: Mesh):
+    """The same `jft.Model` with its params placed on the mesh."""
+    return dataclasses.replace(model, params=shard_params(model.params, m))
+
+
+def batch_sharding(m: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(m, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: dict, m: Mesh) -> dict:
+    """Rows of a host-local batch split over data x fsdp (each host passes its own rows)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(m, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
