@@ -95,6 +95,12 @@ def run_one(args) -> dict:
     params = random_params(config, args.quant[0], jax.random.key(0))
     model = jft.Model(config, params)
     lora = jft.lora.init(model, r=args.r, alpha=args.r, targets="all-linear", key=jax.random.key(1))
+    mesh = None
+    if args.mesh:
+        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+        mesh = jft.mesh(data=data, fsdp=fsdp, tensor=tensor)
+        params = jft.sharding.shard_params(params, mesh)
+        lora = jft.sharding.replicate(lora, mesh)
     opt = optax.adamw(2e-4)
     opt_state = opt.init(lora)
     step = jft.train.make_sft_step(config, opt, remat=args.remat, attn_impl=args.attn)
@@ -102,6 +108,9 @@ def run_one(args) -> dict:
     ids = jax.random.randint(jax.random.key(2), (b, t), 0, config.vocab_size, jnp.int32)
     batch = {"input_ids": ids, "labels": ids, "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
              "segment_ids": jnp.ones((b, t), jnp.int32)}
+    if mesh is not None:
+        batch = jft.sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+        jax.set_mesh(mesh)
     t0 = time.perf_counter()
     lora, opt_state, metrics = step(params, lora, opt_state, batch)
     float(metrics["loss"])
@@ -116,12 +125,11 @@ def run_one(args) -> dict:
         float(metrics["loss"])
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use", 0)
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
     return {"quant": args.quant[0], "attn": args.attn, "remat": args.remat, "kernels": args.kernels or "auto",
-            "batch": b, "seq": t, "r": args.r, "tokens_per_s": b * t / step_s, "step_s": step_s,
+            "batch": b, "seq": t, "r": args.r, "mesh": args.mesh or "1 device", "tokens_per_s": b * t / step_s, "step_s": step_s,
             "compile_s": compile_s, "peak_gib": peak / 2**30, "params_gib": jft.quant.param_bytes(params) / 2**30,
-            "model_tflops_per_s": model_flops_per_token(config, t, args.r) * b * t / step_s / 1e12,
+            "model_tflops_per_s": model_flops_per_token(config, t, args.r) * b * t / step_s / 1e12 / len(jax.devices()),
             "loss": float(metrics["loss"])}
 
 
@@ -137,6 +145,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--small", action="store_true", help="tiny shapes (for checking the script on CPU)")
+    p.add_argument("--mesh", help="data,fsdp,tensor: shard over that many devices (batch is the global batch)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one config in this process
     p.add_argument("--json", help="also write the rows to this file")
     return p.parse_args(argv)
@@ -155,6 +164,8 @@ def main(argv=None):
     rows = []
     ceiling = matmul_tflops(1024 if args.small else 8192)
     print(f"device: {jax.devices()[0].device_kind}; measured bf16 matmul: {ceiling:.0f} TFLOP/s; jax {jax.__version__}")
+    if args.mesh:
+        print(f"mesh data,fsdp,tensor = {args.mesh} over {len(jax.devices())} devices; peak = the largest per device")
     header = f"{'quant':>5} {'attn':>6} {'remat':>9} {'kernels':>9} {'batch x seq':>12} {'tok/s':>9} {'step s':>7} {'peak GiB':>9} {'MFU':>6}"
     print(header)
     for quant in args.quant:
@@ -164,6 +175,7 @@ def main(argv=None):
                     cmd = [sys.executable, __file__, "--one", "--quant", quant, "--attn", attn, "--remat", remat,
                            "--kernels", kernels, "--r", str(args.r), "--batch", str(args.batch), "--seq", str(args.seq),
                            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
+                    cmd += ["--mesh", args.mesh] if args.mesh else []
                     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
                     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if done.returncode != 0:

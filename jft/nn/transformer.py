@@ -170,7 +170,20 @@ def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on,
     return x + h, new_kv
 
 
+def _same_layout(*xs):
+    """Under a jft mesh (`jax.set_mesh`), gives q/k/v one sharding: rows over data x fsdp, heads over
+    tensor. cuDNN's partitioner requires it, and propagation alone may shard them differently."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names:
+        return xs
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    return tuple(jax.lax.with_sharding_constraint(x, spec) if x.shape[2] % mesh.shape["tensor"] == 0
+                 else jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"))) for x in xs)
+
+
 def _causal_attention(c: Config, q, k, v, sliding, implementation):
+    q, k, v = _same_layout(q, k, v)
+
     def run(window):
         return attn.causal_attention(q, k, v, scale=c.attention_scale, window=window, implementation=implementation)
 

@@ -174,6 +174,8 @@ class SFT:
         lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
         opt_state = optimizer.init(lora)
         step_fn = make_sft_step(self.model.config, optimizer, remat=self.remat, grad_accum=self.grad_accum)
+        if self.mesh is not None:
+            jax.set_mesh(self.mesh)  # lets layers pin activation layouts (see transformer._same_layout)
 
         start, history = 0, []
         manager = self._manager() if self.out_dir and (self.checkpoint_every or resume) else None
