@@ -120,8 +120,10 @@ class Generation:
     ids: list[list[int]]
 
 
-def _eos_ids(model: Model) -> tuple[int, ...]:
-    ids = set(model.config.eos_token_ids)
+def eos_token_ids_of(model) -> tuple[int, ...]:
+    """EOS ids from the config, the tokenizer and generation_config.json (any of them may list more)."""
+    config = getattr(model.config, "text", model.config)
+    ids = set(config.eos_token_ids)
     tok = model.tokenizer
     if tok is not None and tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
@@ -135,13 +137,12 @@ def _eos_ids(model: Model) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _pad_id(model: Model) -> int:
+def pad_token_id_of(model) -> int:
     tok = model.tokenizer
     if tok is not None and tok.pad_token_id is not None:
         return int(tok.pad_token_id)
-    if model.config.pad_token_id is not None:
-        return int(model.config.pad_token_id)
-    return 0
+    config = getattr(model.config, "text", model.config)
+    return int(config.pad_token_id) if config.pad_token_id is not None else 0
 
 
 def _as_token_lists(model: Model, prompts) -> list[list[int]]:
@@ -161,21 +162,26 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
     Generation of a row ends at an EOS token; texts are also cut at the first `stop` string.
     """
     seqs = _as_token_lists(model, prompts)
-    pad = _pad_id(model)
+    pad = pad_token_id_of(model)
     ids, mask = gen.left_pad(seqs, pad)
-    eos = tuple(eos_token_ids) if eos_token_ids is not None else _eos_ids(model)
+    eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_token_ids_of(model)
     out, lengths = gen.generate_ids(
         model.config, model.params, lora, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         min_p=float(min_p), eos_ids=eos, pad_id=pad)
-    out, lengths = np.asarray(out), np.asarray(lengths)
+    return decode_outputs(model, out, lengths, eos, stop)
+
+
+def decode_outputs(model, out, lengths, eos: tuple[int, ...], stop: list[str] | None) -> Generation:
+    """Token arrays from the decode loop -> a `Generation` (EOS dropped, texts cut at stop strings)."""
     new_ids = []
-    for row, n in zip(out, lengths):
+    for row, n in zip(np.asarray(out), np.asarray(lengths)):
         toks = row[:n].tolist()
         if toks and toks[-1] in eos:
             toks = toks[:-1]
         new_ids.append(toks)
-    texts = [model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer is not None else "" for t in new_ids]
+    tok = model.tokenizer
+    texts = [tok.decode(t, skip_special_tokens=True) if tok is not None else "" for t in new_ids]
     if stop:
         texts = [_cut_at_stop(t, stop) for t in texts]
     return Generation(texts, new_ids)

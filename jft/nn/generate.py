@@ -42,21 +42,16 @@ def sample(logits, key, *, temperature: float, top_k: int = 0, top_p: float = 1.
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id"))
-def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 eos_ids: tuple[int, ...] = (), pad_id: int = 0):
-    """Left-padded prompts [B, T] -> (new tokens [B, N] padded with pad_id after EOS, lengths [B]).
+def decode(config: Config, params, lora, last_logits, cache, next_pos, key, *, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           eos_ids: tuple[int, ...] = (), pad_id: int = 0, rope_at=None):
+    """The decode loop after a prefill: samples from last_logits [B, V], then feeds each new token.
 
-    Lengths count the tokens generated up to and including the first EOS.
+    next_pos [B]: the position of the first new token. rope_at(pos) may give the rope tables for a
+    step (the vision models' M-RoPE); None builds them from positions. Returns (tokens [B, N]
+    padded with pad_id after EOS, lengths [B] counting tokens up to and including the first EOS).
     """
-    b, t = prompt_ids.shape
-    dtype = params["embed"].dtype
-    mask = prompt_mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    cache = init_cache(config, b, t + max_new_tokens, dtype)
-    hidden, cache = forward_hidden(config, params, prompt_ids, positions, mask, lora=lora, cache=cache)
-    last_logits = logits_from_hidden(config, params, hidden[:, -1:], lora)[:, 0]
+    b = last_logits.shape[0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def pick(logits, key):
@@ -67,7 +62,6 @@ def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, *, 
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos)
     lengths = jnp.ones((b,), jnp.int32)
-    next_pos = positions[:, -1] + 1
 
     def cond(state):
         i, _, _, done, *_ = state
@@ -76,7 +70,9 @@ def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, *, 
     def step(state):
         i, out, cache, done, lengths, pos, key = state
         token = out[:, i - 1]
-        hidden, cache = forward_hidden(config, params, token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), lora=lora, cache=cache)
+        rope = None if rope_at is None else rope_at(pos)
+        hidden, cache = forward_hidden(config, params, token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32),
+                                       lora=lora, cache=cache, rope=rope)
         logits = logits_from_hidden(config, params, hidden, lora)[:, 0]
         key, sub = jax.random.split(key)
         new = jnp.where(done, pad_id, pick(logits, sub))
@@ -88,6 +84,21 @@ def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, *, 
     state = (jnp.asarray(1, jnp.int32), out, cache, done, lengths, next_pos, key)
     _, out, _, _, lengths, _, _ = jax.lax.while_loop(cond, step, state)
     return out, lengths
+
+
+SAMPLING_STATICS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=("config", *SAMPLING_STATICS))
+def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, **sampling):
+    """Left-padded prompts [B, T] (mask 1 real / 0 pad) -> `decode`'s (tokens [B, N], lengths [B])."""
+    b, t = prompt_ids.shape
+    mask = prompt_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = init_cache(config, b, t + sampling["max_new_tokens"], params["embed"].dtype)
+    hidden, cache = forward_hidden(config, params, prompt_ids, positions, mask, lora=lora, cache=cache)
+    last_logits = logits_from_hidden(config, params, hidden[:, -1:], lora)[:, 0]
+    return decode(config, params, lora, last_logits, cache, positions[:, -1] + 1, key, **sampling)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

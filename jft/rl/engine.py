@@ -262,14 +262,14 @@ class JaxEngine:
     """Batched sampling with continuous refill on the training params (see the module docstring)."""
 
     def __init__(self, model, lora=None, *, slots: int = 64, max_prompt_length: int | None = None):
-        from jft.model import _eos_ids, _pad_id
+        from jft.model import eos_token_ids_of, pad_token_id_of
 
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model, self.config, self.tokenizer = model, model.config, model.tokenizer
         self.params, self.lora = model.params, lora
         self.slots, self.max_prompt_length = slots, max_prompt_length
-        self.eos_ids, self.pad_id = _eos_ids(model), _pad_id(model)
+        self.eos_ids, self.pad_id = eos_token_ids_of(model), pad_token_id_of(model)
 
     def sync(self, params=None, lora=None) -> None:
         """Points the engine at the current policy (a reference, not a copy)."""

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
 from jft.train.optim import adamw, schedule
-from jft.train.sft import TrainingDiverged, plot_losses
+from jft.train.sft import TrainingDiverged, plot_curves, plot_losses
 
 IGNORE = -100
 
@@ -270,9 +269,9 @@ class GRPO:
         if getattr(self.engine, "max_prompt_length", None) is None and self.config.max_prompt_length:
             self.engine.max_prompt_length = self.config.max_prompt_length
         self.optimizer = optimizer
-        from jft.model import _pad_id
+        from jft.model import pad_token_id_of
 
-        self.pad_id = _pad_id(model)
+        self.pad_id = pad_token_id_of(model)
 
     # -- prompts ------------------------------------------------------------------------------
     def _render(self, prompt):
@@ -414,27 +413,8 @@ class GRPO:
 
 def plot_rewards(history: list[dict], path: str) -> None:
     """Mean reward (and each reward function's mean) against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(h["step"], h["reward"]) for h in history if "reward" in h]
-    if not points:
-        warnings.warn("no rewards recorded; no plot written", stacklevel=2)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(*zip(*points), label="reward (weighted sum)", lw=1.6)
     names = sorted({k.split("/")[1] for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    series = {"reward (weighted sum)": [(h["step"], h["reward"]) for h in history if "reward" in h]}
     for name in names:
-        ax.plot(*zip(*[(h["step"], h[f"rewards/{name}/mean"]) for h in history if f"rewards/{name}/mean" in h]),
-                label=name, lw=1.0, alpha=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+        series[name] = [(h["step"], h[f"rewards/{name}/mean"]) for h in history if f"rewards/{name}/mean" in h]
+    plot_curves(series, "mean reward", path)

@@ -41,14 +41,14 @@ class VllmEngine:
             from vllm import LLM
         except ImportError as e:
             raise ImportError("VllmEngine needs vllm: pip install 'jft[vllm]' (on CPU: `make vllm-env`)") from e
-        from jft.model import _eos_ids
+        from jft.model import eos_token_ids_of
 
         if not model.path:
             raise ValueError("VllmEngine needs a model loaded from a checkpoint directory (model.path)")
         if model.config.head_dim < 32:
             raise ValueError(f"vLLM's CPU attention needs head_dim >= 32, this model has {model.config.head_dim}")
         self.model, self.tokenizer = model, model.tokenizer
-        self.eos_ids = _eos_ids(model)
+        self.eos_ids = eos_token_ids_of(model)
         self.max_prompt_length = None
         rank = max_lora_rank or (lora.config.r if lora is not None else 16)
         self.adapter_root = adapter_dir or tempfile.mkdtemp(prefix="jft-vllm-adapters-")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jft import data as jdata
 from jft import sharding
+from jft.model import pad_token_id_of
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
 
@@ -116,8 +117,7 @@ class SFT:
         return {k: jnp.asarray(v) for k, v in batch.items()}
 
     def _pad_id(self) -> int:
-        tok = self.model.tokenizer
-        return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
+        return pad_token_id_of(self.model)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, lora, examples) -> float:
@@ -234,25 +234,22 @@ class SFT:
             f.write(json.dumps(record) + "\n")
 
 
-def plot_losses(history: list[dict], path: str) -> None:
-    """Training (and evaluation) loss against step, as a PNG."""
+def plot_curves(series: dict[str, list[tuple[int, float]]], ylabel: str, path: str) -> None:
+    """Named (step, value) curves as a PNG, written atomically; series with one point get markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if not train and not evals:
-        warnings.warn("no losses recorded; no plot written", stacklevel=2)
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        warnings.warn(f"nothing recorded for {ylabel}; no plot written", stacklevel=2)
         return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval", lw=1.5)
+    for label, points in series.items():
+        ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", label=label, lw=1.3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -260,3 +257,9 @@ def plot_losses(history: list[dict], path: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    """Training (and evaluation) loss against step."""
+    plot_curves({"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
+                 "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}, "loss", path)
