@@ -60,6 +60,16 @@ def resolve_path(path_or_id: str | os.PathLike) -> str:
                       "If you are offline, pass a local directory instead.") from e
 
 
+def _model_type(path: str) -> str | None:
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None  # load_config reports it
+
+
 def _load_tokenizer(path: str):
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
@@ -76,6 +86,10 @@ def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_l
     linear weights are quantized on load, tensor by tensor).
     """
     path = resolve_path(path_or_id)
+    if _model_type(path) in ("qwen2_vl", "qwen2_5_vl"):
+        from jft import vlm
+
+        return vlm.load(path, dtype=dtype, quantize=quantize, tokenizer=tokenizer, progress=progress)
     config, raw = load_config(path)
     quantizer = None
     if quantize is not None:
@@ -160,7 +174,13 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
     """Generates for a batch of prompts (strings or token-id lists). temperature 0 is greedy.
 
     Generation of a row ends at an EOS token; texts are also cut at the first `stop` string.
+    For a vision-language model, prompts are chat messages with images (see `jft.vlm.generate`).
     """
+    if hasattr(model.config, "vision"):
+        from jft.vlm.generate import generate as generate_with_images
+
+        return generate_with_images(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    min_p=min_p, stop=stop, seed=seed, lora=lora, eos_token_ids=eos_token_ids)
     seqs = _as_token_lists(model, prompts)
     pad = pad_token_id_of(model)
     ids, mask = gen.left_pad(seqs, pad)

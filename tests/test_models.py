@@ -172,3 +172,16 @@ def test_causal_attention_path_equals_masked_path_on_unpacked_rows(family, tmp_p
     masked = transformer.forward(model.config, model.params, ids, attn_impl="xla")
     causal = transformer.forward(model.config, model.params, ids, attn_impl="causal")
     np.testing.assert_allclose(np.asarray(causal), np.asarray(masked), atol=1e-5, rtol=0)
+
+
+def test_failed_checkpoint_write_leaves_nothing_behind(tmp_path):
+    from jft.convert.safetensors_io import save_sharded
+
+    def tensors():
+        yield "a", np.zeros((1000,), np.float32)
+        yield "b", np.zeros((1000,), np.float32)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_sharded(tensors(), tmp_path, max_shard_bytes=4000)
+    assert list(tmp_path.iterdir()) == []

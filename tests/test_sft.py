@@ -152,3 +152,22 @@ def test_sft_on_gsm8k_lowers_held_out_loss(tmp_path):
     assert after < 0.7 * before, (before, after)
     assert os.path.getsize(tmp_path / "out" / "loss.png") > 1000
     assert sum(1 for _ in open(tmp_path / "out" / "metrics.jsonl")) >= 200
+
+
+def test_metrics_go_to_tensorboard_too(tiny, tmp_path):
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event  # the record schema TensorBoard reads
+
+    out = tmp_path / "run"
+    jft.train.SFT(tiny, jft.lora.init(tiny, r=2), max_seq_length=384, batch_size=2, progress=False,
+                  out_dir=str(out)).fit(_gsm8k_rows("train", 4), steps=2)
+    data = next((out / "tensorboard").iterdir()).read_bytes()
+    tags, at = {}, 0
+    while at < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+        (n,) = struct.unpack_from("<Q", data, at)
+        event = Event.FromString(data[at + 12 : at + 12 + n])
+        for v in event.summary.value:
+            tags.setdefault(v.tag, []).append(event.step)
+        at += 12 + n + 4
+    assert tags["sft/loss"] == [1, 2] and "sft/lr" in tags and "sft/grad_norm" in tags

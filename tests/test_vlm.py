@@ -12,6 +12,7 @@ import torch
 import transformers
 from PIL import Image
 
+import jft
 import jft.vlm as vlm
 from jft.data.testing import make_tiny_tokenizer
 from jft.lora import LoRA
@@ -143,7 +144,7 @@ def test_greedy_generation_matches_transformers(pair):
     inputs = model.image_processor([_image(28, 36, 7)])
     ids = _prompt_ids(model, inputs["image_grid_thw"], ((5, 6), (7, 8)))
     new = 12
-    ours = vlm.generate(model, {"input_ids": [ids], **inputs}, max_new_tokens=new, eos_token_ids=())
+    ours = jft.generate(model, {"input_ids": [ids], **inputs}, max_new_tokens=new, eos_token_ids=())
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(inputs["pixel_values"]),
                           image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
@@ -333,8 +334,8 @@ def test_finetune_lowers_loss_changes_answers_and_exports(pair, tmp_path):
                                   lora=lora))
     np.testing.assert_allclose(_hf_logits(merged, model, ids, prompt["pixel_values"], prompt["image_grid_thw"]), ours,
                                atol=1e-4, rtol=0)
-    reloaded = vlm.load(str(tmp_path / "merged"), dtype="float32", progress=False)
-    assert vlm.generate(reloaded, questions, max_new_tokens=16).text == answers
+    reloaded = jft.load(str(tmp_path / "merged"), dtype="float32", progress=False)  # dispatches to jft.vlm.load
+    assert jft.generate(reloaded, questions, max_new_tokens=16).text == answers
 
 
 # --- bad input -------------------------------------------------------------------------------

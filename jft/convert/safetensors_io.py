@@ -139,16 +139,21 @@ def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], directory, *, max_sh
 
     written = []
     current, size = {}, 0
-    for name, t in tensors:
-        t = np.asarray(t)
-        if current and size + t.nbytes > max_shard_bytes:
+    try:
+        for name, t in tensors:
+            t = np.asarray(t)
+            if current and size + t.nbytes > max_shard_bytes:
+                written.append((flush(current, len(written) + 1), list(current)))
+                current, size = {}, 0
+            current[name] = t
+            size += t.nbytes
+            total += t.nbytes
+        if current or not written:
             written.append((flush(current, len(written) + 1), list(current)))
-            current, size = {}, 0
-        current[name] = t
-        size += t.nbytes
-        total += t.nbytes
-    if current or not written:
-        written.append((flush(current, len(written) + 1), list(current)))
+    except BaseException:
+        for partial, _ in written:  # nothing half-written is left behind
+            os.remove(os.path.join(directory, partial))
+        raise
 
     n = len(written)
     for i, (partial, keys) in enumerate(written, start=1):

@@ -223,6 +223,9 @@ class SFT:
             self._log(history[-1])
         if self.out_dir:
             plot_losses(history, os.path.join(self.out_dir, "loss.png"))
+        if getattr(self, "_tb", None) is not None:
+            self._tb.close()  # flushes the writer's queue
+        self.__dict__.pop("_tb", None)
         self.lora = lora
         return TrainState(lora, opt_state, steps, history)
 
@@ -232,6 +235,23 @@ class SFT:
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    writer.add_scalar(f"sft/{key}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer into out_dir/tensorboard when tensorboardX is installed, else None."""
+        if not hasattr(self, "_tb"):
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+        return self._tb
 
 
 def plot_curves(series: dict[str, list[tuple[int, float]]], ylabel: str, path: str) -> None:
