@@ -196,14 +196,19 @@ def config_from_hf(c: dict, where: str = "config.json") -> Config:
     )
 
 
-def load_config(model_dir: str | os.PathLike) -> tuple[Config, dict]:
-    """Reads `config.json` from a model directory; returns the Config and the raw dict."""
+def read_config_json(model_dir: str | os.PathLike) -> tuple[dict, str]:
+    """The dict of a model directory's config.json, and its path."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {model_dir}")
     try:
         with open(path) as f:
-            raw = json.load(f)
+            return json.load(f), path
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(model_dir: str | os.PathLike) -> tuple[Config, dict]:
+    """Reads `config.json` from a model directory; returns the Config and the raw dict."""
+    raw, path = read_config_json(model_dir)
     return config_from_hf(raw, where=path), raw

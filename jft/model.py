@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.config import Config, load_config
+from jft.config import Config, load_config, read_config_json
 from jft.convert import hf
 from jft.nn import generate as gen
 from jft.nn import transformer
@@ -60,16 +60,6 @@ def resolve_path(path_or_id: str | os.PathLike) -> str:
                       "If you are offline, pass a local directory instead.") from e
 
 
-def _model_type(path: str) -> str | None:
-    import json
-
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError):
-        return None  # load_config reports it
-
-
 def _load_tokenizer(path: str):
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
@@ -86,7 +76,8 @@ def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_l
     linear weights are quantized on load, tensor by tensor).
     """
     path = resolve_path(path_or_id)
-    if _model_type(path) in ("qwen2_vl", "qwen2_5_vl"):
+    raw, _ = read_config_json(path)
+    if raw.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
         from jft import vlm
 
         return vlm.load(path, dtype=dtype, quantize=quantize, tokenizer=tokenizer, progress=progress)

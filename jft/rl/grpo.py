@@ -34,6 +34,7 @@ from jft.nn.transformer import forward_hidden, output_weight
 from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
+from jft.train.checkpoint import Checkpoints
 from jft.train.optim import adamw, schedule
 from jft.train.sft import TrainingDiverged, plot_curves, plot_losses
 
@@ -313,35 +314,6 @@ class GRPO:
             metrics[f"rewards/{name}/std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
         return batch, metrics, comps
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _manager(self):
-        import orbax.checkpoint as ocp
-
-        path = os.path.abspath(os.path.join(self.config.out_dir, "checkpoints"))
-        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-    def _save(self, manager, step, lora, opt_state, history):
-        import orbax.checkpoint as ocp
-
-        manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
-        manager.wait_until_finished()
-        path = os.path.join(self.config.out_dir, "checkpoints", f"history-{step}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(history, f)
-        os.replace(path + ".tmp", path)
-
-    def _restore(self, manager, lora, opt_state):
-        import orbax.checkpoint as ocp
-
-        step = manager.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        path = os.path.join(self.config.out_dir, "checkpoints", f"history-{step}.json")
-        history = json.load(open(path)) if os.path.exists(path) else []
-        return step, state["lora"], state["opt_state"], history
-
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, prompts_dataset, steps: int, *, resume: bool = False, callbacks=()) -> GRPOState:
         """Runs `steps` generation batches (each followed by num_iterations optimizer steps)."""
@@ -360,9 +332,9 @@ class GRPO:
         logprob_fn = jax.jit(completion_logprobs, static_argnames=("config", "temperature", "remat"))
 
         start, history = 0, []
-        manager = self._manager() if cfg.out_dir and (cfg.checkpoint_every or resume) else None
-        if resume and manager is not None:
-            restored = self._restore(manager, lora, opt_state)
+        checkpoints = Checkpoints(cfg.out_dir) if cfg.out_dir and (cfg.checkpoint_every or resume) else None
+        if resume and checkpoints is not None:
+            restored = checkpoints.restore(lora, opt_state)
             if restored is not None:
                 start, lora, opt_state, history = restored
         if start == 0 and cfg.out_dir and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
@@ -391,8 +363,8 @@ class GRPO:
             bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['completion_length']:.0f}",
                             **({"kl": f"{record['kl']:.4f}"} if "kl" in record else {}))
             bar.update(1)
-            if manager is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                self._save(manager, step + 1, lora, opt_state, history)
+            if checkpoints is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                checkpoints.save(step + 1, lora, opt_state, history)
             for cb in callbacks:
                 cb(step + 1, record)
         bar.close()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jft import data as jdata
 from jft import sharding
+from jft.train.checkpoint import Checkpoints
 from jft.model import pad_token_id_of
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
@@ -129,33 +130,6 @@ class SFT:
             total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
-    # -- checkpoints ------------------------------------------------------------------------------
-    def _manager(self):
-        import orbax.checkpoint as ocp
-
-        path = os.path.abspath(os.path.join(self.out_dir, "checkpoints"))
-        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-    def _save(self, manager, step, lora, opt_state, history):
-        import orbax.checkpoint as ocp
-
-        manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
-        manager.wait_until_finished()
-        with open(os.path.join(self.out_dir, "checkpoints", f"history-{step}.json"), "w") as f:
-            json.dump(history, f)
-
-    def _restore(self, manager, lora, opt_state):
-        import orbax.checkpoint as ocp
-
-        step = manager.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        history_path = os.path.join(self.out_dir, "checkpoints", f"history-{step}.json")
-        history = json.load(open(history_path)) if os.path.exists(history_path) else []
-        return step, state["lora"], state["opt_state"], history
-
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, dataset, *, steps: int | None = None, epochs: int | None = None, eval_dataset=None,
             resume: bool = False, callbacks=()) -> TrainState:
@@ -178,9 +152,9 @@ class SFT:
             jax.set_mesh(self.mesh)  # lets layers pin activation layouts (see transformer._same_layout)
 
         start, history = 0, []
-        manager = self._manager() if self.out_dir and (self.checkpoint_every or resume) else None
-        if resume and manager is not None:
-            restored = self._restore(manager, lora, opt_state)
+        checkpoints = Checkpoints(self.out_dir) if self.out_dir and (self.checkpoint_every or resume) else None
+        if resume and checkpoints is not None:
+            restored = checkpoints.restore(lora, opt_state)
             if restored is not None:
                 start, lora, opt_state, history = restored
         if start == 0 and self.out_dir and os.path.exists(os.path.join(self.out_dir, "metrics.jsonl")):
@@ -199,7 +173,7 @@ class SFT:
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     bar.close()
-                    where = f"; the last good checkpoint is in {self.out_dir}/checkpoints" if manager else ""
+                    where = f"; the last good checkpoint is in {self.out_dir}/checkpoints" if checkpoints else ""
                     raise TrainingDiverged(f"loss became {loss} at step {step + 1}{where}. Lower the learning rate "
                                            "or check the data.")
                 elapsed = time.perf_counter() - t0
@@ -212,8 +186,8 @@ class SFT:
                 self._log(record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if manager is not None and self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
-                self._save(manager, step + 1, lora, opt_state, history)
+            if checkpoints is not None and self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+                checkpoints.save(step + 1, lora, opt_state, history)
             if history and history[-1]["step"] == step + 1:
                 for cb in callbacks:
                     cb(step + 1, history[-1])

@@ -9,10 +9,8 @@ the Qwen hub checkpoints (text fields at the top level, `rope_scaling: {"type": 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
-from jft.config import Config, ConfigError, config_from_hf
+from jft.config import Config, ConfigError, config_from_hf, read_config_json
 
 VLM_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _VISION_ACTIVATIONS = ("quick_gelu", "silu", "gelu", "gelu_pytorch_tanh")
@@ -150,12 +148,5 @@ def vlm_config_from_hf(c: dict, where: str = "config.json") -> VLMConfig:
 
 
 def load_vlm_config(model_dir) -> tuple[VLMConfig, dict]:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {model_dir}")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    raw, path = read_config_json(model_dir)
     return vlm_config_from_hf(raw, where=path), raw

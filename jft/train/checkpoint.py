@@ -1,0 +1,45 @@
+"""Training checkpoints: LoRA + optimizer state through orbax, and the metrics history beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+
+class Checkpoints:
+    """out_dir/checkpoints/: orbax steps (the two newest kept) and history-<step>.json files."""
+
+    def __init__(self, out_dir: str):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def _history_path(self, step: int) -> str:
+        return os.path.join(self.directory, f"history-{step}.json")
+
+    def save(self, step: int, lora, opt_state, history: list[dict]) -> None:
+        import orbax.checkpoint as ocp
+
+        self.manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
+        self.manager.wait_until_finished()
+        path = self._history_path(step)
+        with open(path + ".tmp", "w") as f:
+            json.dump(history, f)
+        os.replace(path + ".tmp", path)
+
+    def restore(self, lora, opt_state):
+        """(step, lora, opt_state, history) of the newest checkpoint, shaped and placed like the
+        given lora/opt_state; None when there is none."""
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
+        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        path = self._history_path(step)
+        history = json.load(open(path)) if os.path.exists(path) else []
+        return step, state["lora"], state["opt_state"], history
