@@ -388,3 +388,25 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "mean reward" in outputs
+
+
+def test_resume_gives_identical_lora(tmp_path):
+    model, rows = _digit_sum_task(tmp_path / "model")
+
+    def run(out, lora_seed, callbacks=(), resume=False):
+        cfg = GRPOConfig(prompts_per_step=2, num_generations=4, learning_rate=1e-2, max_completion_length=2,
+                         max_prompt_length=16, progress=False, out_dir=str(out), checkpoint_every=2, seed=3)
+        lora = jft.lora.init(model, r=4, key=jax.random.key(lora_seed))
+        return GRPO(model, lora, [answers_the_sum], config=cfg).fit(rows, steps=4, resume=resume, callbacks=callbacks)
+
+    def kill_at_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    full = run(tmp_path / "full", 0)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", 0, callbacks=[kill_at_2])
+    resumed = run(tmp_path / "killed", 9, resume=True)  # a different init: everything must come from the checkpoint
+    for a, b in zip(jax.tree.leaves(full.lora), jax.tree.leaves(resumed.lora)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
