@@ -37,7 +37,10 @@ from jft.kernels.rmsnorm import (  # noqa: E402
     rmsnorm_residual_pallas,
     rmsnorm_residual_reference,
 )
+from jft.kernels.nf4 import dequantize_pallas as nf4_dequantize_pallas  # noqa: E402
+from jft.kernels.nf4 import dequantize_reference as nf4_dequantize_reference  # noqa: E402
 from jft.kernels.rope import rope_pallas, rope_reference  # noqa: E402
+from jft.quant import quantize_nf4  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +133,7 @@ class Case:
     args: tuple
     unit: str  # "GB/s" or "TFLOP/s"
     work_fwd: float  # bytes or flops of the forward
-    work_fwd_bwd: float
+    work_fwd_bwd: float | None  # None: forward only (e.g. dequantizing frozen weights)
 
 
 def _normal(key, shape, dtype=jnp.bfloat16):
@@ -165,6 +168,15 @@ def cases(model: Model, tokens: int) -> list[Case]:
     g, u = _normal(k[5], (n, f)), _normal(k[6], (n, f))
     glu_ref, glu_pal = (swiglu_reference, swiglu_pallas) if model.glu == "swiglu" else (geglu_reference, geglu_pallas)
     out.append(Case(model.glu, {"xla": glu_ref, "pallas": glu_pal}, (g, u), "GB/s", 3 * n * f * el, 8 * n * f * el))
+
+    # NF4 dequantize of one layer's gate weight [ffn, hidden] (frozen: forward only); bytes = packed
+    # codes + uint8 absmax read, bf16 written
+    gate = quantize_nf4(_normal(k[4], (f, d)))
+    nf4_bytes = gate.nbytes + f * d * el
+    out.append(Case("nf4 dequantize", {
+        "xla": lambda q: nf4_dequantize_reference(q, jnp.bfloat16),
+        "pallas": lambda q: nf4_dequantize_pallas(q, jnp.bfloat16),
+    }, (gate,), "GB/s", nf4_bytes, None))
 
     v = model.vocab
     head = _normal(k[7], (v, d)) * 0.02
@@ -210,6 +222,8 @@ def run_case(case: Case, ceilings, opts):
     rows = []
     for impl, op in case.impls.items():
         for phase, work in (("fwd", case.work_fwd), ("fwd+bwd", case.work_fwd_bwd)):
+            if work is None:
+                continue
             try:
                 if phase == "fwd":
                     fn, args = jax.jit(op), case.args
