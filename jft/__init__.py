@@ -10,5 +10,5 @@ import jft.sharding as sharding  # noqa: F401
 from jft.sharding import mesh
 from jft.model import Generation, Model, forward, generate, load
 
-__all__ = ["Config", "ConfigError", "CheckpointError", "Generation", "Model", "forward", "generate", "load"]
+__all__ = ["Config", "ConfigError", "CheckpointError", "Generation", "Model", "forward", "generate", "load", "mesh"]
 __version__ = "0.1.0"

@@ -1,8 +1,6 @@
 """The decoder against transformers: logits, greedy generation, checkpoint round trips, bad input."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ the comparison runs there in a subprocess and reports back as JSON."""
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest

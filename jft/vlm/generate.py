@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jft.model import decode_outputs, eos_token_ids_of, pad_token_id_of
+from jft.model import Generation, decode_outputs, eos_token_ids_of, pad_token_id_of
 from jft.nn.generate import SAMPLING_STATICS, decode, left_pad
 from jft.nn.transformer import init_cache, logits_from_hidden
 from jft.vlm.model import hidden_states, make_batch, mrope_tables
