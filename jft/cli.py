@@ -95,7 +95,9 @@ def _export(args) -> int:
     else:
         from jft.convert.gguf import save_gguf
 
-        save_gguf(model, lora, args.out, quant=[q.strip() for q in args.quant.split(",")])
+        for path in save_gguf(model, lora, args.out, quant=[q.strip() for q in args.quant.split(",")]):
+            print(f"wrote {path}")
+        return 0
     print(f"wrote {args.out}")
     return 0
 
