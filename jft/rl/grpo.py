@@ -34,7 +34,7 @@ from jft.nn.transformer import forward_hidden, output_weight
 from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
-from jft.train.checkpoint import Checkpoints
+from jft.train.checkpoint import start_run
 from jft.train.optim import adamw, schedule
 from jft.train.sft import TrainingDiverged, plot_curves, plot_losses
 
@@ -331,14 +331,8 @@ class GRPO:
         step_fn = make_grpo_step(self.model.config, optimizer, cfg)
         logprob_fn = jax.jit(completion_logprobs, static_argnames=("config", "temperature", "remat"))
 
-        start, history = 0, []
-        checkpoints = Checkpoints(cfg.out_dir) if cfg.out_dir and (cfg.checkpoint_every or resume) else None
-        if resume and checkpoints is not None:
-            restored = checkpoints.restore(lora, opt_state)
-            if restored is not None:
-                start, lora, opt_state, history = restored
-        if start == 0 and cfg.out_dir and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
-            os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        checkpoints, start, lora, opt_state, history = start_run(
+            cfg.out_dir, checkpoint_every=cfg.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
         stream = _prompt_stream(len(rows), cfg.prompts_per_step, cfg.seed, start)
         bar = tqdm(total=steps, initial=start, desc="grpo", disable=not cfg.progress, dynamic_ncols=True)
         for step in range(start, steps):

@@ -43,3 +43,21 @@ class Checkpoints:
         path = self._history_path(step)
         history = json.load(open(path)) if os.path.exists(path) else []
         return step, state["lora"], state["opt_state"], history
+
+
+def start_run(out_dir: str | None, *, checkpoint_every: int, resume: bool, lora, opt_state):
+    """Where a training run begins: (checkpoints or None, start step, lora, opt_state, history).
+
+    With `resume`, the newest checkpoint in out_dir (if any) supplies the state; a run that starts
+    from step 0 clears a stale out_dir/metrics.jsonl first.
+    """
+    checkpoints = Checkpoints(out_dir) if out_dir and (checkpoint_every or resume) else None
+    start, history = 0, []
+    if resume and checkpoints is not None:
+        restored = checkpoints.restore(lora, opt_state)
+        if restored is not None:
+            start, lora, opt_state, history = restored
+    metrics = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    if start == 0 and metrics and os.path.exists(metrics):
+        os.remove(metrics)
+    return checkpoints, start, lora, opt_state, history

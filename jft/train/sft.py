@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jft import data as jdata
 from jft import sharding
-from jft.train.checkpoint import Checkpoints
+from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
@@ -151,14 +151,8 @@ class SFT:
         if self.mesh is not None:
             jax.set_mesh(self.mesh)  # lets layers pin activation layouts (see transformer._same_layout)
 
-        start, history = 0, []
-        checkpoints = Checkpoints(self.out_dir) if self.out_dir and (self.checkpoint_every or resume) else None
-        if resume and checkpoints is not None:
-            restored = checkpoints.restore(lora, opt_state)
-            if restored is not None:
-                start, lora, opt_state, history = restored
-        if start == 0 and self.out_dir and os.path.exists(os.path.join(self.out_dir, "metrics.jsonl")):
-            os.remove(os.path.join(self.out_dir, "metrics.jsonl"))
+        checkpoints, start, lora, opt_state, history = start_run(
+            self.out_dir, checkpoint_every=self.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
         stream = _batch_stream(examples, batch_size=rows, seq_len=self.max_seq_length, packing=self.packing,
                                pad_id=pad_id, seed=self.seed, start_step=start)
         key = jax.random.key(self.seed)
