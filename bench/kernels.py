@@ -187,6 +187,12 @@ def cases(model: Model, tokens: int) -> list[Case]:
         "xla-chunked": lambda h, wt: linear_cross_entropy_reference(h, wt, labels, **ce_kw),
         "pallas": lambda h, wt: linear_cross_entropy_pallas(h, wt, labels, **ce_kw),
     }, (x, head), "TFLOP/s", 2 * n * d * v, 8 * n * d * v))
+    frozen = jax.lax.stop_gradient  # the QLoRA case: no d(lm_head)
+    out.append(Case("linear+CE frozen head", {
+        "xla-unfused": lambda h, wt: _unfused_cross_entropy(h, frozen(wt), labels, **ce_kw),
+        "xla-chunked": lambda h, wt: linear_cross_entropy_reference(h, frozen(wt), labels, **ce_kw),
+        "pallas": lambda h, wt: linear_cross_entropy_pallas(h, frozen(wt), labels, **ce_kw),
+    }, (x, head), "TFLOP/s", None, 6 * n * d * v))
 
     qa, ka, va = _normal(k[1], (1, n, hq, hd)), _normal(k[2], (1, n, hkv, hd)), _normal(k[3], (1, n, hkv, hd))
     causal_flops = 4 * n * n * hq * hd / 2

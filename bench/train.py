@@ -80,7 +80,8 @@ def model_flops_per_token(config, seq: int, r: int) -> float:
     return 4 * dense + 6 * lora + 2 * attention
 
 
-def run_one(args) -> dict:
+def setup(args):
+    """The real jft SFT step and its inputs for one configuration: (step, params, lora, opt_state, batch)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -111,6 +112,17 @@ def run_one(args) -> dict:
     if mesh is not None:
         batch = jft.sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
         jax.set_mesh(mesh)
+    return config, step, params, lora, opt_state, batch
+
+
+def run_one(args) -> dict:
+    import jax
+    import numpy as np
+
+    import jft
+
+    config, step, params, lora, opt_state, batch = setup(args)
+    b, t = args.batch, args.seq
     t0 = time.perf_counter()
     lora, opt_state, metrics = step(params, lora, opt_state, batch)
     float(metrics["loss"])
@@ -133,6 +145,41 @@ def run_one(args) -> dict:
             "loss": float(metrics["loss"])}
 
 
+def max_context(args) -> dict:
+    """The longest seq (a multiple of 8192) whose step fits one device, by doubling then bisection
+    over XLA's buffer assignment of the compiled step (compiling only: steps that would take minutes
+    are cheap to check); then --steps real steps at that length, timed."""
+    import jax
+    import jax.numpy as jnp
+
+    _, step, *state, _ = setup(args)  # state: params, lora, opt_state
+    limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else jax.devices()[0].memory_stats()["bytes_limit"]
+
+    def peak(seq):
+        batch = {k: jax.ShapeDtypeStruct((args.batch, seq), jnp.int32) for k in ("input_ids", "labels", "positions", "segment_ids")}
+        m = step.lower(*state, batch).compile().memory_analysis()
+        device = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        return device, getattr(m, "host_temp_size_in_bytes", 0)
+
+    lo, hi = 0, 8192
+    while peak(hi)[0] <= limit:
+        lo, hi = hi, hi * 2
+    while hi - lo > 8192:
+        mid = (lo + hi) // 2 // 8192 * 8192
+        lo, hi = (mid, hi) if peak(mid)[0] <= limit else (lo, mid)
+    if lo == 0:
+        raise SystemExit(f"not even {hi} tokens fit in {limit / 2**30:.1f} GiB")
+    device, host = peak(lo)
+    row = {"quant": args.quant[0], "remat": args.remat, "batch": args.batch, "max_seq": lo,
+           "compiled_device_gib": device / 2**30, "compiled_host_gib": host / 2**30, "limit_gib": limit / 2**30}
+    print(json.dumps(row), flush=True)
+    state.clear()  # frees the device for the real run
+    if args.steps:
+        args.seq, args.warmup = lo, 0
+        row["run"] = run_one(args)
+    return row
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quant", action="append", choices=["none", "nf4", "fp8"], help="repeat for several runs")
@@ -148,6 +195,9 @@ def parse(argv=None):
     p.add_argument("--mesh", help="data,fsdp,tensor: shard over that many devices (batch is the global batch)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one config in this process
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--max-context", action="store_true",
+                   help="find the longest seq at --batch that fits one device (then run --steps steps at it)")
+    p.add_argument("--memory-limit-gib", type=float, help="the memory --max-context fills (default: the device's limit)")
     return p.parse_args(argv)
 
 
@@ -156,6 +206,16 @@ def main(argv=None):
     args.quant = args.quant or ["nf4", "none"]
     if args.one:
         print(json.dumps(run_one(args)))
+        return
+    if args.max_context:
+        import jax
+
+        args.attn = args.attn or ("cudnn" if jax.default_backend() == "gpu" else "xla")
+        row = max_context(args)
+        print(json.dumps(row))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(row, f, indent=2)
         return
     import jax
 

@@ -172,6 +172,59 @@ def test_causal_attention_path_equals_masked_path_on_unpacked_rows(family, tmp_p
     np.testing.assert_allclose(np.asarray(causal), np.asarray(masked), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_flash_attention_path_equals_masked_path_on_packed_rows(family, tmp_path):
+    """The Pallas flash path (GPU default for packed rows and softcap) gives the masked path's loss
+    and LoRA gradients on packed rows; gemma2 brings softcap and alternating sliding windows."""
+    import jax
+    import jax.numpy as jnp
+
+    from jft.train.step import loss_and_grads
+
+    save_hf_model(family, tmp_path / "m")
+    model = jft.load(str(tmp_path / "m"), dtype="float32")
+    lora = jft.lora.init(model, r=4, targets="all-linear", key=jax.random.key(0))
+    lora = jax.tree.map(lambda w: w + 0.01, lora)  # B = 0 at init would hide the attention gradient
+    t = SEQ
+    ids = np.random.default_rng(5).integers(3, model.config.vocab_size, size=(2, t))
+    cut = t // 3
+    positions = np.concatenate([np.arange(cut), np.arange(t - cut)])[None].repeat(2, 0)
+    segments = np.concatenate([np.ones(cut), np.full(t - cut, 2)])[None].repeat(2, 0)
+    segments[1, -3:], positions[1, -3:] = 0, 0  # padding
+    batch = {"input_ids": ids, "labels": ids, "positions": positions, "segment_ids": segments}
+    batch = {k: jnp.asarray(v, jnp.int32)[None] for k, v in batch.items()}
+    results = {impl: loss_and_grads(model.config, model.params, lora, batch, attn_impl=impl) for impl in ("xla", "flash")}
+    (loss_x, grads_x, _), (loss_f, grads_f, _) = results["xla"], results["flash"]
+    np.testing.assert_allclose(float(loss_f), float(loss_x), rtol=1e-5)
+    for gf, gx in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_x)):
+        np.testing.assert_allclose(np.asarray(gf), np.asarray(gx), atol=1e-5, rtol=1e-4)
+
+
+def test_remat_policies_give_the_same_gradients_and_offload_keeps_layer_inputs_on_host(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from jft.train.step import loss_and_grads
+
+    save_hf_model("llama", tmp_path / "m")
+    model = jft.load(str(tmp_path / "m"), dtype="float32")
+    lora = jax.tree.map(lambda w: w + 0.01, jft.lora.init(model, r=4, targets="all-linear", key=jax.random.key(0)))
+    ids = np.random.default_rng(6).integers(3, model.config.vocab_size, size=(1, 2, SEQ))
+    batch = {"input_ids": ids, "labels": ids, "positions": np.broadcast_to(np.arange(SEQ), ids.shape),
+             "segment_ids": np.ones_like(ids)}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    run = lambda remat: loss_and_grads(model.config, model.params, lora, batch, remat=remat)
+    loss_0, grads_0, _ = run("none")
+    for remat in ("full", "offload", "save_dots"):
+        loss, grads, _ = run(remat)
+        np.testing.assert_allclose(float(loss), float(loss_0), rtol=1e-6)
+        for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_0)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(g0), atol=1e-6, rtol=1e-5)
+    jaxpr = lambda remat: str(jax.make_jaxpr(
+        lambda lo: loss_and_grads(model.config, model.params, lo, batch, remat=remat))(lora))
+    assert "<host>" in jaxpr("offload") and "<host>" not in jaxpr("full")
+
+
 def test_failed_checkpoint_write_leaves_nothing_behind(tmp_path):
     from jft.convert.safetensors_io import save_sharded
 

@@ -71,8 +71,9 @@ def attention_reference(
 # ----------------------------------------------------------------------------- pallas (flash)
 # Forward: one program per (batch, q head, q block) loops over key blocks with an online softmax.
 # Backward: one kernel for dq (same grid), one for dk/dv per (batch, kv head, key block) looping
-# over the q heads of its group and the q blocks. A key block none of whose keys is visible from
-# the q block is skipped. Sequences are padded to whole blocks and head_dim to a power of two;
+# over the q heads of its group and the q blocks. Loops run over precomputed block ranges, so the
+# blocks no key of which is visible (above the causal diagonal, outside the window or the segment)
+# are not visited, and the loop bodies have no branches (Triton pipelines their loads). Sequences are padded to whole blocks and head_dim to a power of two;
 # padded keys and queries get segment ids that match nothing.
 
 _PAD_Q_SEGMENT = -(2**31)
@@ -97,12 +98,13 @@ def _visible(q_pos, q_seg, k_pos, k_seg, window):
     return ok
 
 
-def _any(mask):
-    return jnp.max(mask.astype(jnp.int32)) > 0
-
-
 def _dot(a, b, contract=(1, 0)):
     return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tanh(x):
+    # Through exp: Triton lowers jnp.tanh to a slow libdevice call; this is exact at both tails.
+    return 1.0 - 2.0 / (1.0 + jnp.exp(2.0 * x))
 
 
 def _scores(q, k, cfg):
@@ -110,44 +112,41 @@ def _scores(q, k, cfg):
     s = _dot(q, k, (1, 1)) * cfg.scale
     if cfg.softcap is None:
         return s, None
-    t = jnp.tanh(s / cfg.softcap)
+    t = _tanh(s / cfg.softcap)
     return cfg.softcap * t, t
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg):
+def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, lo_ref, hi_ref, o_ref, lse_ref, *, cfg):
     bq, bk = q_ref.shape[0], cfg.block_k
     q, q_pos, q_seg = q_ref[...], qp_ref[...], qs_ref[...]
 
     def key_block(j, carry):
+        acc, m, l = carry
         keys = pl.ds(j * bk, bk)
         mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
-
-        def compute(carry):
-            acc, m, l = carry
-            s, _ = _scores(q, k_ref[keys, :], cfg)
-            s = jnp.where(mask, s, MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-            alpha = jnp.exp(m - m_new)
-            v = v_ref[keys, :]
-            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-            return acc, m_new, l * alpha + jnp.sum(p, axis=1)
-
-        return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
+        s, _ = _scores(q, k_ref[keys, :], cfg)
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        v = v_ref[keys, :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     init = (
         jnp.zeros(q.shape, jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(0, k_ref.shape[0] // bk, key_block, init)
+    acc, m, l = jax.lax.fori_loop(lo_ref[0], hi_ref[0], key_block, init)
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg):
+def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, dq_ref,
+               *, cfg):
     bk = cfg.block_k_bwd
     q, do, q_pos, q_seg = q_ref[...], do_ref[...], qp_ref[...], qs_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
@@ -155,52 +154,67 @@ def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_
     def key_block(j, dq):
         keys = pl.ds(j * bk, bk)
         mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        s, t = _scores(q, k, cfg)
+        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + _dot(ds.astype(k.dtype), k)
 
-        def compute(dq):
-            k, v = k_ref[keys, :], v_ref[keys, :]
-            s, t = _scores(q, k, cfg)
-            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-            if t is not None:
-                ds = ds * (1.0 - t * t)
-            return dq + _dot(ds.astype(k.dtype), k)
-
-        return jax.lax.cond(_any(mask), compute, lambda d: d, dq)
-
-    dq = jax.lax.fori_loop(0, k_ref.shape[0] // bk, key_block, jnp.zeros(q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(lo_ref[0], hi_ref[0], key_block, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg):
+def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref,
+                dk_ref, dv_ref, *, cfg):
     bq = cfg.block_q_bwd
     group = q_ref.shape[1]
-    q_blocks = q_ref.shape[0] // bq
     k, v, k_pos, k_seg = k_ref[...], v_ref[...], kp_ref[...], ks_ref[...]
+    lo, blocks = lo_ref[0], hi_ref[0] - lo_ref[0]
 
     def q_block(n, carry):
-        g = jax.lax.div(n, q_blocks)  # jnp's // and % do not lower to Triton
-        i = n - g * q_blocks
-        rows = pl.ds(i * bq, bq)
+        dk, dv = carry
+        g = jax.lax.div(n, blocks)  # jnp's // and % do not lower to Triton
+        rows = pl.ds((lo + n - g * blocks) * bq, bq)
         mask = _visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, cfg.window)
-
-        def compute(carry):
-            dk, dv = carry
-            q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-            lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-            s, t = _scores(q, k, cfg)
-            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-            if t is not None:
-                ds = ds * (1.0 - t * t)
-            return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
-
-        return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
+        q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+        lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+        s, t = _scores(q, k, cfg)
+        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, group * q_blocks, q_block, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, group * blocks, q_block, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _block_ranges(qp, kp, qs, ks, bq, bk, window):
+    """For each (row, q block) the range [lo, hi) of key blocks that may hold a visible key, and for
+    each (row, key block) the same range of q blocks; int32 [B, nQ, 1], [B, nK, 1]. Kernels loop over
+    these ranges only (blocks inside a range but wholly masked cost time, never correctness)."""
+    b, t = qp.shape
+    stats = lambda a, n: (a.reshape(b, -1, n).min(-1), a.reshape(b, -1, n).max(-1))
+    (qp_min, qp_max), (qs_min, qs_max) = stats(qp, bq), stats(qs, bq)
+    (kp_min, kp_max), (ks_min, ks_max) = stats(kp, bk), stats(ks, bk)
+    maybe = (kp_min[:, None, :] <= qp_max[:, :, None]) & (ks_min[:, None, :] <= qs_max[:, :, None])
+    maybe &= qs_min[:, :, None] <= ks_max[:, None, :]
+    if window is not None:
+        maybe &= qp_min[:, :, None] - kp_max[:, None, :] < window
+
+    def span(m):
+        n = m.shape[-1]
+        found = jnp.any(m, axis=-1)
+        lo = jnp.where(found, jnp.argmax(m, axis=-1), 0)
+        hi = jnp.where(found, n - jnp.argmax(m[..., ::-1], axis=-1), 0)
+        return lo.astype(jnp.int32)[..., None], hi.astype(jnp.int32)[..., None]
+
+    return span(maybe), span(jnp.swapaxes(maybe, 1, 2))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
@@ -220,16 +234,18 @@ def _flash_forward(q, k, v, qp, kp, qs, ks, cfg):
     b, t, hq, hd = q.shape
     s, hkv = k.shape[1], k.shape[2]
     group, bq = hq // hkv, cfg.block_q
+    (lo, hi), _ = _block_ranges(qp, kp, qs, ks, bq, cfg.block_k, cfg.window)
     q_spec = pl.BlockSpec((None, bq, None, hd), lambda b_, h, i: (b_, i, h, 0))
     kv_spec = pl.BlockSpec((None, s, None, hd), lambda b_, h, i: (b_, 0, h // group, 0))
     q_ids = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
     k_ids = pl.BlockSpec((None, s), lambda b_, h, i: (b_, 0))
+    q_range = pl.BlockSpec((None, None, 1), lambda b_, h, i: (b_, i, 0))
     lse_spec = pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
     return _call(
-        _forward_kernel, (b, hq, t // bq), [q_spec, kv_spec, kv_spec, q_ids, k_ids, q_ids, k_ids],
+        _forward_kernel, (b, hq, t // bq), [q_spec, kv_spec, kv_spec, q_ids, k_ids, q_ids, k_ids, q_range, q_range],
         [q_spec, lse_spec], out_shape, cfg, "flash_attention_fwd",
-    )(q, k, v, qp, kp, qs, ks)
+    )(q, k, v, qp, kp, qs, ks, lo, hi)
 
 
 def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
@@ -237,17 +253,19 @@ def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
     s, hkv = k.shape[1], k.shape[2]
     group, bq, bk = hq // hkv, cfg.block_q_bwd, cfg.block_k_bwd
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    (k_lo, k_hi), (q_lo, q_hi) = _block_ranges(qp, kp, qs, ks, bq, bk, cfg.window)
 
     q_spec = pl.BlockSpec((None, bq, None, hd), lambda b_, h, i: (b_, i, h, 0))
     kv_all = pl.BlockSpec((None, s, None, hd), lambda b_, h, i: (b_, 0, h // group, 0))
     q_ids = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
     k_all_ids = pl.BlockSpec((None, s), lambda b_, h, i: (b_, 0))
     row_stat = pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))
+    block_range = pl.BlockSpec((None, None, 1), lambda b_, h, i: (b_, i, 0))
     dq = _call(
         _dq_kernel, (b, hq, t // bq),
-        [q_spec, kv_all, kv_all, q_ids, k_all_ids, q_ids, k_all_ids, q_spec, row_stat, row_stat],
+        [q_spec, kv_all, kv_all, q_ids, k_all_ids, q_ids, k_all_ids, q_spec, row_stat, row_stat, block_range, block_range],
         q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, "flash_attention_dq",
-    )(q, k, v, qp, kp, qs, ks, do, lse, delta)
+    )(q, k, v, qp, kp, qs, ks, do, lse, delta, k_lo, k_hi)
 
     q_group = pl.BlockSpec((None, t, group, hd), lambda b_, h, j: (b_, 0, h, 0))
     kv_spec = pl.BlockSpec((None, bk, None, hd), lambda b_, h, j: (b_, j, h, 0))
@@ -256,10 +274,11 @@ def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
     group_stat = pl.BlockSpec((None, group, t), lambda b_, h, j: (b_, h, 0))
     dk, dv = _call(
         _dkv_kernel, (b, hkv, s // bk),
-        [q_group, kv_spec, kv_spec, q_all_ids, k_ids, q_all_ids, k_ids, q_group, group_stat, group_stat],
+        [q_group, kv_spec, kv_spec, q_all_ids, k_ids, q_all_ids, k_ids, q_group, group_stat, group_stat, block_range,
+         block_range],
         [kv_spec, kv_spec], [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         cfg, "flash_attention_dkv",
-    )(q, k, v, qp, kp, qs, ks, do, lse, delta)
+    )(q, k, v, qp, kp, qs, ks, do, lse, delta, q_lo, q_hi)
     return dq, dk, dv
 
 
@@ -308,10 +327,11 @@ def attention_pallas(
         scale=float(hd**-0.5 if scale is None else scale),
         window=None if window is None else int(window),
         softcap=None if softcap is None else float(softcap),
-        block_q=_block(block_q or (64 if wide else 128), t),
-        block_k=_block(block_k or (32 if wide else 64), s),
-        block_q_bwd=_block(block_q_bwd or (32 if wide else 64), t),
-        block_k_bwd=_block(block_k_bwd or (32 if wide else 64), s),
+        # the fastest of a sweep on the H200 (docs/benchmarks.md); wider tiles exceed shared memory at hd 256
+        block_q=_block(block_q or 128, t),
+        block_k=_block(block_k or 64, s),
+        block_q_bwd=_block(block_q_bwd or (64 if wide else 128), t),
+        block_k_bwd=_block(block_k_bwd or 64, s),
         num_warps=4 if hd_padded <= 64 else 8,
     )
     t_pad = cdiv(t, max(cfg.block_q, cfg.block_q_bwd)) * max(cfg.block_q, cfg.block_q_bwd)

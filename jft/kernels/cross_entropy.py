@@ -6,7 +6,8 @@
 Both come back per token in fp32. The work is chunked over tokens (`chunk_size`) and vocabulary
 (`vocab_chunk_size`); only a [chunk_size, vocab_chunk_size] tile of logits exists at a time. The
 backward pass recomputes each tile and produces d(hidden) and d(weight); the vocabulary loop is the
-outer one there, so d(weight) is written chunk by chunk and never accumulated in fp32 as a whole.
+outer one there, so d(weight) is written in place chunk by chunk and never accumulated in fp32 as
+a whole (and, when the weight is frozen, XLA drops that work as dead code).
 
 The reference and the Pallas version share this chunked driver and differ only in the per-tile
 functions (statistics of a tile in the forward, d(logits) of a tile in the backward), which the
@@ -261,7 +262,8 @@ def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
     padded = chunks[0].shape[0] * chunks[0].shape[1]
     compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
 
-    def vocab_step(dh, j):
+    def vocab_step(carry, j):
+        dh, dw_all = carry
         w, start, fresh_from = _vocab_chunk(weight, j, cfg)
         # columns the previous chunk already covered must not count twice in d(hidden)
         fresh = (start + jnp.arange(vocab_chunk) >= fresh_from)[:, None]
@@ -275,14 +277,12 @@ def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
             return dw, dh_c
 
         dw, dh_chunks = jax.lax.scan(token_step, jnp.zeros(w.shape, jnp.float32), chunks)
-        return dh + dh_chunks.reshape(padded, -1), dw.astype(weight.dtype)
+        # written in place; the shifted last chunk rewrites its overlap with the same values
+        dw_all = jax.lax.dynamic_update_slice_in_dim(dw_all, dw.astype(weight.dtype), start, axis=0)
+        return (dh + dh_chunks.reshape(padded, -1), dw_all), None
 
-    dh, dw_chunks = jax.lax.scan(
-        vocab_step, jnp.zeros((padded, hidden.shape[1]), jnp.float32), jnp.arange(n_vocab_chunks)
-    )
-    # chunk j covers ids j*chunk .. ; the last one was shifted left to end at v: drop its overlap
-    overlap = n_vocab_chunks * vocab_chunk - v
-    dw = jnp.concatenate([dw_chunks[:-1].reshape(-1, hidden.shape[1]), dw_chunks[-1, overlap:]])
+    init = (jnp.zeros((padded, hidden.shape[1]), jnp.float32), jnp.zeros(weight.shape, weight.dtype))
+    (dh, dw), _ = jax.lax.scan(vocab_step, init, jnp.arange(n_vocab_chunks))
     return dh[:n].astype(hidden.dtype), dw
 
 

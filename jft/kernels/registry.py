@@ -33,9 +33,10 @@ class Op:
 _OPS: dict[str, Op] = {}
 
 # Ops whose Pallas version beat XLA in bench/kernels.py on the H200 (docs/benchmarks.md, fwd+bwd at
-# 4096 tokens: rmsnorm 0.062 vs 0.107 ms, rmsnorm+residual 0.112 vs 0.144, rope 0.061 vs 0.069);
-# `auto` uses Pallas for them on these backends.
-MEASURED_WINS: dict[str, tuple[str, ...]] = {"rmsnorm": ("gpu",), "rmsnorm_residual": ("gpu",), "rope": ("gpu",)}
+# 4096 tokens: rmsnorm 0.062 vs 0.107 ms, rmsnorm+residual 0.112 vs 0.144, rope 0.061 vs 0.069,
+# masked attention 3.4 vs 12.6); `auto` uses Pallas for them on these backends.
+MEASURED_WINS: dict[str, tuple[str, ...]] = {"rmsnorm": ("gpu",), "rmsnorm_residual": ("gpu",), "rope": ("gpu",),
+                                             "attention": ("gpu",)}
 
 
 def _checked_mode(mode: str) -> str:

@@ -40,8 +40,9 @@ def linear(x, w, lora=None, bias=None, *, lora_scale: float = 1.0, lora_dropout_
         if lora_dropout_key is not None and lora_dropout > 0.0:
             keep = jax.random.bernoulli(lora_dropout_key, 1.0 - lora_dropout, x.shape)
             xl = jnp.where(keep, x / (1.0 - lora_dropout), 0).astype(x.dtype)
-        a, b = lora["a"].astype(x.dtype), lora["b"].astype(x.dtype)
-        y = y + (jnp.einsum("...i,ri->...r", xl, a) @ b.T) * jnp.asarray(lora_scale, x.dtype)
+        # scaling the small B (not the product) lets XLA fold the add into the matmul's epilogue
+        a, b = lora["a"].astype(x.dtype), (lora["b"] * lora_scale).astype(x.dtype)
+        y = y + jnp.einsum("...i,ri->...r", xl, a) @ b.T
     return y
 
 

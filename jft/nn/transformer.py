@@ -10,16 +10,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jft.config import Config
+from jft.kernels.attention import attention_pallas as flash_attention
 from jft.nn import attention as attn
 from jft.nn.layers import activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
 
-REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+# "full" recomputes each layer in the backward pass from its input, kept on the device; "offload"
+# does the same with the layer inputs in host memory (Unsloth's default); "save_dots" keeps every
+# matmul output on the device; "offload_dots" keeps them in host memory.
+REMAT_POLICIES = ("none", "full", "offload", "save_dots", "offload_dots")
 # "xla": masked attention by positions and segments (packing, padding, KV cache) — always exact.
-# "cudnn": causal flash attention, no mask (unpacked right-padded batches only); "causal" is the
-# same contract through XLA, for checking it where cuDNN is absent.
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "causal")
+# "flash": jft's Pallas flash attention, exact by positions and segments, with softcap (not for
+# decoding from a cache). "cudnn": causal flash attention, no mask (unpacked right-padded batches
+# only); "causal" is the same contract through XLA, for checking it where cuDNN is absent.
+ATTENTION_IMPLEMENTATIONS = ("xla", "flash", "cudnn", "causal")
 _NO_WINDOW = np.iinfo(np.int32).max
 _EMPTY_SLOT_POSITION = np.iinfo(np.int32).max  # an empty cache slot is "in the future" of every query
 
@@ -99,17 +105,27 @@ def _write_cache_metadata(cache, positions, segments):
 # --- the decoder ---------------------------------------------------------------------------------
 
 
+_LAYER_INPUT = "layer_input"
+
+
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
+    cp = jax.checkpoint_policies
     policies = {
         "full": None,
-        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        "offload": cp.save_and_offload_only_these_names(names_which_can_be_saved=[], names_which_can_be_offloaded=[_LAYER_INPUT],
+                                                        offload_src="device", offload_dst="pinned_host"),
+        "save_dots": cp.dots_with_no_batch_dims_saveable,
+        "offload_dots": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
     }
     if policy not in policies:
         raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
-    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+    def named_input(x, xs):
+        return fn(checkpoint_name(x, _LAYER_INPUT), xs)
+
+    return jax.checkpoint(named_input, policy=policies[policy], prevent_cse=False)
 
 
 def _lora_for(lora_layer, name):
@@ -151,6 +167,8 @@ def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on,
         new_kv, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
     if attn_impl in ("cudnn", "causal") and cache_kv is None and c.attn_logit_softcap is None:
         o = _causal_attention(c, q, k, v, sliding, "cudnn" if attn_impl == "cudnn" else None)
+    elif attn_impl == "flash" and cache_kv is None:
+        o = _flash_attention(c, q, k, v, sliding, q_meta)
     else:
         window = None
         if c.sliding_window is not None:
@@ -183,15 +201,32 @@ def _same_layout(*xs):
 
 def _causal_attention(c: Config, q, k, v, sliding, implementation):
     q, k, v = _same_layout(q, k, v)
+    return _per_layer_window(c, sliding, lambda window: attn.causal_attention(
+        q, k, v, scale=c.attention_scale, window=window, implementation=implementation))
 
-    def run(window):
-        return attn.causal_attention(q, k, v, scale=c.attention_scale, window=window, implementation=implementation)
 
+def _per_layer_window(c: Config, sliding, attend):
+    """attend(window) with this layer's window: a static choice unless layers differ (then a cond)."""
     if c.sliding_window is None or not any(c.sliding_layers):
-        return run(None)
+        return attend(None)
     if all(c.sliding_layers):
-        return run(c.sliding_window)
-    return jax.lax.cond(sliding, lambda: run(c.sliding_window), lambda: run(None))
+        return attend(c.sliding_window)
+    return jax.lax.cond(sliding, lambda: attend(c.sliding_window), lambda: attend(None))
+
+
+def _flash_attention(c: Config, q, k, v, sliding, meta):
+    positions, segments = meta
+    return _per_layer_window(c, sliding, lambda window: flash_attention(
+        q, k, v, positions, positions, segments, segments, scale=c.attention_scale, window=window,
+        softcap=c.attn_logit_softcap))
+
+
+def default_attention(config: Config, packed: bool) -> str:
+    """The fastest exact attention for training batches on this backend: cuDNN for unpacked rows
+    (without softcap), jft's flash kernel for packed rows or softcap on GPU, XLA elsewhere."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    return "flash" if packed or config.attn_logit_softcap is not None else "cudnn"
 
 
 def _rope_for(config: Config, positions):

@@ -23,6 +23,7 @@ from jft import data as jdata
 from jft import sharding
 from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
+from jft.nn.transformer import default_attention
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
 
@@ -86,7 +87,7 @@ class SFT:
                  warmup_steps: int = 0, max_seq_length: int = 2048, batch_size: int = 2, grad_accum: int = 1,
                  packing: bool = False, template: str | None = None, responses_only: bool = True, format: str | None = None,
                  remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
-                 log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None):
+                 log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto"):
         self.mesh = mesh
         if mesh is not None:
             model = sharding.shard_model(model, mesh)
@@ -98,6 +99,7 @@ class SFT:
         self.max_seq_length, self.batch_size, self.grad_accum = max_seq_length, batch_size, grad_accum
         self.packing, self.template, self.responses_only, self.format = packing, template, responses_only, format
         self.remat, self.out_dir, self.seed, self.progress = remat, out_dir, seed, progress
+        self.attention = default_attention(model.config, packing) if attention == "auto" else attention
         self.checkpoint_every, self.eval_every, self.log_every = checkpoint_every, eval_every, log_every
         if checkpoint_every and not out_dir:
             raise ValueError("checkpoint_every needs out_dir")
@@ -123,10 +125,10 @@ class SFT:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, lora, examples) -> float:
         """Token-mean loss over held-out examples."""
-        fn = jax.jit(eval_loss, static_argnames=("config",))
+        fn = jax.jit(eval_loss, static_argnames=("config", "attn_impl"))
         total, count = 0.0, 0
         for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
-            s, n = fn(self.model.config, self.model.params, lora, self._device_batch(batch))
+            s, n = fn(self.model.config, self.model.params, lora, self._device_batch(batch), self.attention)
             total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
@@ -147,7 +149,8 @@ class SFT:
         lr_at = schedule(self.opt_args["lr"], steps, kind=self.opt_args["schedule_kind"], warmup_steps=self.opt_args["warmup_steps"])
         lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
         opt_state = optimizer.init(lora)
-        step_fn = make_sft_step(self.model.config, optimizer, remat=self.remat, grad_accum=self.grad_accum)
+        step_fn = make_sft_step(self.model.config, optimizer, remat=self.remat, grad_accum=self.grad_accum,
+                                attn_impl=self.attention)
         if self.mesh is not None:
             jax.set_mesh(self.mesh)  # lets layers pin activation layouts (see transformer._same_layout)
 

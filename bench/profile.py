@@ -1,0 +1,114 @@
+"""Where a training step's time and memory go: the same step as bench/train.py, traced.
+
+Runs a few steps under `jax.profiler`, then sums the GPU kernel time of the traced steps by kind
+(matmuls, attention, Pallas kernels, XLA fusions, copies) and lists the costliest kernels, next to
+the step's wall time. Also prints XLA's memory analysis of the compiled step. On the GPU:
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/profile.py --quant nf4 --remat full
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+
+from train import parse, setup
+
+KINDS = [  # (kind, pattern on the kernel name), first match wins
+    ("attention (cuDNN)", r"cudnn|fmha|sdpa|flash_fprop|flash_bprop"),
+    ("attention (Pallas)", r"flash_attention"),
+    ("NF4 dequantize (Pallas)", r"nf4"),
+    ("cross-entropy (Pallas)", r"cross_entropy|linear_ce"),
+    ("other Pallas", r"rmsnorm|rope|glu"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|matmul|dot|sm90_|sm100_|cublas"),
+    ("copy / transfer", r"memcpy|memset|copy|transpose"),
+    ("XLA fusion", r"fusion|reduce|loop_|input_|convert|broadcast|concatenate|select|scatter|gather|dynamic"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def kernel_events(trace_dir: str):
+    """(name, duration us) of every GPU kernel/copy in the perfetto trace written under trace_dir."""
+    paths = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    if not paths:
+        raise SystemExit(f"no trace written under {trace_dir}")
+    with gzip.open(paths[0], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    if not gpu_pids:
+        names = {str(e.get("args", {}).get("name")) for e in events if e.get("ph") == "M"}
+        print(f"no GPU process in the trace; processes and threads: {sorted(names)[:40]}")
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            thread = threads.get((e["pid"], e.get("tid")), "")
+            if "stream" in thread.lower() or "kernel" in thread.lower():  # not the per-op / per-module summary lines
+                yield e["name"], float(e.get("dur", 0.0))
+
+
+def main(argv=None):
+    import jax
+
+    args = parse(argv)
+    args.quant = args.quant or ["nf4"]
+    on_gpu = jax.default_backend() == "gpu"
+    args.attn = args.attn or ("cudnn" if on_gpu else "xla")
+    config, step, params, lora, opt_state, batch = setup(args)
+    compiled = step.lower(params, lora, opt_state, batch).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"
+        print(f"XLA memory analysis: arguments {gib(memory.argument_size_in_bytes)}, outputs "
+              f"{gib(memory.output_size_in_bytes)} (aliased {gib(memory.alias_size_in_bytes)}), temporaries "
+              f"{gib(memory.temp_size_in_bytes)}, host temporaries {gib(getattr(memory, 'host_temp_size_in_bytes', 0))}")
+    for _ in range(args.warmup + 1):
+        lora, opt_state, metrics = step(params, lora, opt_state, batch)
+    float(metrics["loss"])
+    trace_dir = tempfile.mkdtemp(prefix="jft-profile-")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.steps):
+            lora, opt_state, metrics = step(params, lora, opt_state, batch)
+        float(metrics["loss"])
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+
+    by_kind, by_name, by_family = collections.Counter(), collections.Counter(), collections.Counter()
+    for name, dur in kernel_events(trace_dir):
+        by_kind[kind_of(name)] += dur / 1e3 / args.steps
+        by_name[name] += dur / 1e3 / args.steps
+        by_family[re.sub(r"[._]?\d+$", "", name)] += dur / 1e3 / args.steps
+    busy = sum(by_kind.values())
+    print(f"{args.quant[0]} remat={args.remat} attn={args.attn} batch {args.batch} x {args.seq}: "
+          f"{wall_ms:.1f} ms per step under the profiler; GPU busy {busy:.1f} ms; peak {peak / 2**30:.2f} GiB")
+    print(f"{'kind':<26} {'ms/step':>8} {'share':>6}")
+    for kind, ms in by_kind.most_common():
+        print(f"{kind:<26} {ms:>8.1f} {ms / max(busy, 1e-9):>6.1%}")
+    print(f"{'idle (wall - busy)':<26} {max(wall_ms - busy, 0):>8.1f}")
+    print("\ncostliest kernels (ms/step):")
+    for name, ms in by_name.most_common(25):
+        print(f"{ms:>8.2f}  {kind_of(name):<24} {name[:110]}")
+    print("\nkernel families (numbered XLA kernels summed, ms/step):")
+    for name, ms in by_family.most_common(25):
+        print(f"{ms:>8.2f}  {name[:120]}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
