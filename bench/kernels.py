@@ -132,7 +132,7 @@ class Case:
     impls: dict[str, Callable]  # name -> function of *args
     args: tuple
     unit: str  # "GB/s" or "TFLOP/s"
-    work_fwd: float  # bytes or flops of the forward
+    work_fwd: float | None  # bytes or flops of the forward
     work_fwd_bwd: float | None  # None: forward only (e.g. dequantizing frozen weights)
 
 

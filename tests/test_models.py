@@ -225,6 +225,18 @@ def test_remat_policies_give_the_same_gradients_and_offload_keeps_layer_inputs_o
     assert "<host>" in jaxpr("offload") and "<host>" not in jaxpr("full")
 
 
+def test_unknown_attention_implementation_is_reported(tmp_path):
+    from jft.nn import transformer
+
+    save_hf_model("llama", tmp_path / "m")
+    model = jft.load(str(tmp_path / "m"), dtype="float32")
+    with pytest.raises(ValueError, match="unknown attention implementation 'fast'"):
+        transformer.forward(model.config, model.params, np.ones((1, 4), np.int32), attn_impl="fast")
+    lora = jft.lora.init(model, r=4, targets="all-linear")
+    with pytest.raises(ValueError, match="unknown attention implementation 'fast'"):
+        jft.train.SFT(model, lora, attention="fast")
+
+
 def test_failed_checkpoint_write_leaves_nothing_behind(tmp_path):
     from jft.convert.safetensors_io import save_sharded
 

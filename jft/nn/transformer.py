@@ -221,12 +221,21 @@ def _flash_attention(c: Config, q, k, v, sliding, meta):
         softcap=c.attn_logit_softcap))
 
 
-def default_attention(config: Config, packed: bool) -> str:
-    """The fastest exact attention for training batches on this backend: cuDNN for unpacked rows
-    (without softcap), jft's flash kernel for packed rows or softcap on GPU, XLA elsewhere."""
+def resolve_attention(config: Config, packed: bool, attention: str = "auto") -> str:
+    """A checked attn_impl; "auto" is the fastest exact one for training batches on this backend:
+    cuDNN for unpacked rows (without softcap), jft's flash kernel for packed rows or softcap on GPU,
+    XLA elsewhere."""
+    if attention != "auto":
+        return _checked_attention(attention)
     if jax.default_backend() != "gpu":
         return "xla"
     return "flash" if packed or config.attn_logit_softcap is not None else "cudnn"
+
+
+def _checked_attention(attn_impl: str) -> str:
+    if attn_impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {attn_impl!r}; choose \"auto\" or one of {ATTENTION_IMPLEMENTATIONS}")
+    return attn_impl
 
 
 def _rope_for(config: Config, positions):
@@ -249,6 +258,7 @@ def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *,
     tables of `positions` (M-RoPE), which then only order tokens for masking and the cache.
     """
     c = config
+    _checked_attention(attn_impl)
     dtype = dtype or _compute_dtype(params)
     lora_weights = None if lora is None else lora.weights
     if inputs_embeds is not None:

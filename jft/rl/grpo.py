@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from jft import kernels
 from jft.config import Config
 from jft.nn.generate import bucket
-from jft.nn.transformer import default_attention, forward_hidden, output_weight
+from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
 from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
@@ -328,7 +328,7 @@ class GRPO:
         lr_at = schedule(cfg.learning_rate, total_updates, kind=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
         lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
         opt_state = optimizer.init(lora)
-        attn_impl = default_attention(self.model.config, packed=True)  # rows are left-padded prompts + completions
+        attn_impl = resolve_attention(self.model.config, packed=True)  # rows are left-padded prompts + completions
         step_fn = make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl)
         logprob_fn = jax.jit(completion_logprobs, static_argnames=("config", "temperature", "remat", "attn_impl"))
 

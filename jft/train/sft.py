@@ -23,7 +23,7 @@ from jft import data as jdata
 from jft import sharding
 from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
-from jft.nn.transformer import default_attention
+from jft.nn.transformer import resolve_attention
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
 
@@ -99,7 +99,7 @@ class SFT:
         self.max_seq_length, self.batch_size, self.grad_accum = max_seq_length, batch_size, grad_accum
         self.packing, self.template, self.responses_only, self.format = packing, template, responses_only, format
         self.remat, self.out_dir, self.seed, self.progress = remat, out_dir, seed, progress
-        self.attention = default_attention(model.config, packing) if attention == "auto" else attention
+        self.attention = resolve_attention(model.config, packing, attention)
         self.checkpoint_every, self.eval_every, self.log_every = checkpoint_every, eval_every, log_every
         if checkpoint_every and not out_dir:
             raise ValueError("checkpoint_every needs out_dir")
