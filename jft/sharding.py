@@ -4,8 +4,9 @@ Params are placed by name: a linear weight [L, out, in] splits `out` over tensor
 (the output projections o/down the other way round), embeddings split vocab over tensor and hidden
 over fsdp, norms are replicated. NF4 leaves, whose bytes are flat per matrix, split along their
 quantization blocks over fsdp. LoRA weights and optimizer state are small and stay replicated.
-Batches split their rows over data x fsdp. `jit` then partitions the unchanged step (GSPMD); on
-several hosts call `jax.distributed.initialize()` first and give each host its own rows.
+Batches split their rows over data x fsdp. `jit` then partitions the unchanged step (GSPMD); inside
+the layer scan, `gather_layer` all-gathers one layer's weights at a time over fsdp (FSDP). On several
+hosts call `jax.distributed.initialize()` first and give each host its own rows.
 """
 
 from __future__ import annotations
@@ -70,6 +71,30 @@ def _leaf_sharding(path: tuple[str, ...], leaf, m: Mesh):
     return NamedSharding(m, _fits(leaf.shape, _dense_spec(path, leaf.ndim), m))
 
 
+def gather_layer(layer: dict) -> dict:
+    """One layer's params, inside the layer scan, all-gathered over fsdp and still split over tensor.
+
+    Left to itself the partitioner may gather the whole stack of layers before the loop, and it
+    cannot split a Pallas kernel such as the NF4 dequantize; asking for whole matrices here makes
+    the gather per layer, of the 4-bit bytes, and recomputed in the backward pass under remat.
+    No-op outside a mesh with fsdp > 1 (set by `jax.set_mesh`).
+    """
+    from jft.quant import is_quantized
+
+    m = jax.sharding.get_abstract_mesh()
+    if m.empty or m.shape.get("fsdp", 1) == 1:
+        return layer
+
+    def whole(path, leaf):
+        if is_quantized(leaf):
+            return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), leaf)
+        spec = _dense_spec(("layers", path[-1].key), leaf.ndim + 1)[1:]
+        spec = tuple(None if axis == "fsdp" else axis for axis in spec)
+        return jax.lax.with_sharding_constraint(leaf, _fits(leaf.shape, spec, m))
+
+    return jax.tree_util.tree_map_with_path(whole, layer, is_leaf=is_quantized)
+
+
 def param_shardings(params: dict, m: Mesh):
     """A pytree of NamedShardings matching `params` (quantized leaves expand to their children)."""
     from jft.quant import is_quantized
@@ -91,6 +116,19 @@ def replicate(tree, m: Mesh):
 def shard_model(model, m: Mesh):
     """The same `jft.Model` with its params placed on the mesh."""
     return dataclasses.replace(model, params=shard_params(model.params, m))
+
+
+def scoped(m: Mesh | None, fn):
+    """`fn` called with `m` as the context mesh, which layers read when traced (`gather_layer`,
+    attention layouts); `fn` itself when there is no mesh. Keeps the mesh out of global state."""
+    if m is None:
+        return fn
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(m):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def batch_sharding(m: Mesh, ndim: int = 2) -> NamedSharding:

@@ -58,6 +58,20 @@ _SCRIPT = textwrap.dedent("""
     result["sft_lora_rel_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                                       for a, b in zip(jax.tree.leaves(single.lora), jax.tree.leaves(multi.lora))) / moved
     result["sft_loss_diff"] = max(abs(x["loss"] - y["loss"]) for x, y in zip(single.history, multi.history))
+
+    from jft.rl import GRPO, GRPOConfig
+
+    def digits(prompts, completions, **kw):
+        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+    prompts = [{"prompt": f"{a}+{b}="} for a in range(8) for b in range(8)]
+    cfg = GRPOConfig(prompts_per_step=4, num_generations=4, learning_rate=1e-2, max_completion_length=4,
+                     max_prompt_length=16, beta=0.05, progress=False)
+    runs = [GRPO(model, lora, [digits], config=cfg, mesh=m).fit(prompts, steps=3) for m in (None, jft.mesh(data=2, fsdp=4))]
+    (one, eight) = [[(h["reward"], h["loss"], h["kl"]) for h in r.history] for r in runs]
+    result["grpo_same_rollouts"] = [a[0] == b[0] for a, b in zip(one, eight)]
+    result["grpo_loss_diff"] = max(abs(a[1] - b[1]) + abs(a[2] - b[2]) for a, b in zip(one, eight))
+    result["grpo_lora_devices"] = len(jax.tree.leaves(runs[1].lora)[0].sharding.device_set)
     print("RESULT " + json.dumps(result))
 """)
 
@@ -79,6 +93,7 @@ def _check(r):
         assert r[shape]["grad_rel_diff"] < 1e-5, r
         assert r[shape]["max_devices_per_param"] > 1, r  # params really are spread over devices
     assert r["sft_loss_diff"] < 1e-5 and r["sft_lora_rel_diff"] < 1e-2, r
+    assert all(r["grpo_same_rollouts"]) and r["grpo_loss_diff"] < 1e-5 and r["grpo_lora_devices"] == 8, r
 
 
 def test_sharded_loss_and_grads_equal_one_device(tmp_path):

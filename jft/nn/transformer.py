@@ -16,6 +16,7 @@ from jft.config import Config
 from jft.kernels.attention import attention_pallas as flash_attention
 from jft.nn import attention as attn
 from jft.nn.layers import activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
+from jft.sharding import gather_layer
 
 # "full" recomputes each layer in the backward pass from its input, kept on the device; "offload"
 # does the same with the layer inputs in host memory (Unsloth's default); "save_dots" keeps every
@@ -285,6 +286,7 @@ def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *,
 
     def body(x, xs):
         lp, ll, on, sl, kv, key = xs
+        lp = gather_layer(lp)
         x, new_kv = _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, on, sl, rope_g, rope_l, q_meta, k_meta, kv, cache_index, key)
         return x, new_kv
 

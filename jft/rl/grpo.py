@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jft import kernels
+from jft import kernels, sharding
 from jft.config import Config
 from jft.nn.generate import bucket
 from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
@@ -252,15 +252,24 @@ class GRPO:
     (None entries count as missing); their weighted sum is the reward. `engine` defaults to a
     `JaxEngine` on the model's own params. `fit(dataset, steps)` takes rows with a "prompt" (a string,
     or chat messages rendered with the tokenizer's chat template) and any other columns.
+    With `mesh=jft.mesh(...)` the params are sharded over it, as in `SFT`, and each step's completions
+    split over data x fsdp (prompts_per_step * num_generations must divide by their product).
     """
 
     def __init__(self, model, lora, reward_fns, engine=None, config: GRPOConfig | None = None, *,
-                 optimizer: optax.GradientTransformation | None = None):
+                 optimizer: optax.GradientTransformation | None = None, mesh=None):
+        self.config = config or GRPOConfig()
+        self.mesh = mesh
+        if mesh is not None:
+            rows = mesh.shape["data"] * mesh.shape["fsdp"]
+            if self.config.batch_size % rows:
+                raise ValueError(f"prompts_per_step * num_generations = {self.config.batch_size} completions cannot be "
+                                 f"split over data x fsdp = {rows} devices")
+            model, lora = sharding.shard_model(model, mesh), sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
         self.reward_fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         if not self.reward_fns:
             raise ValueError("give at least one reward function")
-        self.config = config or GRPOConfig()
         weights = self.config.reward_weights
         if weights is not None and len(weights) != len(self.reward_fns):
             raise ValueError(f"{len(weights)} reward_weights for {len(self.reward_fns)} reward functions")
@@ -291,7 +300,7 @@ class GRPO:
         texts = [self._render(r["prompt"]) for r in rows]
         sampling = dataclasses.replace(cfg.sampling, seed=cfg.seed * 1_000_003 + step)
         t0 = time.perf_counter()
-        comps = self.engine.generate(texts, n=g, sampling=sampling)
+        comps = sharding.scoped(self.mesh, self.engine.generate)(texts, n=g, sampling=sampling)
         rollout_s = time.perf_counter() - t0
         conversational = not isinstance(rows[0]["prompt"], str)
         prompts = [r["prompt"] for r in rows for _ in range(g)]
@@ -329,8 +338,9 @@ class GRPO:
         lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
         opt_state = optimizer.init(lora)
         attn_impl = resolve_attention(self.model.config, packed=True)  # rows are left-padded prompts + completions
-        step_fn = make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl)
-        logprob_fn = jax.jit(completion_logprobs, static_argnames=("config", "temperature", "remat", "attn_impl"))
+        step_fn = sharding.scoped(self.mesh, make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl))
+        logprob_fn = sharding.scoped(self.mesh, jax.jit(completion_logprobs,
+                                                        static_argnames=("config", "temperature", "remat", "attn_impl")))
 
         checkpoints, start, lora, opt_state, history = start_run(
             cfg.out_dir, checkpoint_every=cfg.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
@@ -339,7 +349,7 @@ class GRPO:
         for step in range(start, steps):
             batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
             t0 = time.perf_counter()
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            batch = self._device_batch(batch)
             if cfg.num_iterations > 1:
                 batch["old_logprobs"] = logprob_fn(self.model.config, self.model.params, lora, batch,
                                                    temperature=cfg.temperature, remat="none", attn_impl=attn_impl)
@@ -369,6 +379,11 @@ class GRPO:
         self.lora = lora
         self.engine.sync(self.model.params, lora)
         return GRPOState(lora, opt_state, steps, history)
+
+    def _device_batch(self, batch: dict) -> dict:
+        if self.mesh is not None:
+            return sharding.shard_batch(batch, self.mesh)
+        return {k: jnp.asarray(v) for k, v in batch.items()}
 
     def _log(self, record: dict) -> None:
         if not self.config.out_dir:

@@ -125,7 +125,7 @@ class SFT:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, lora, examples) -> float:
         """Token-mean loss over held-out examples."""
-        fn = jax.jit(eval_loss, static_argnames=("config", "attn_impl"))
+        fn = sharding.scoped(self.mesh, jax.jit(eval_loss, static_argnames=("config", "attn_impl")))
         total, count = 0.0, 0
         for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
             s, n = fn(self.model.config, self.model.params, lora, self._device_batch(batch), self.attention)
@@ -149,10 +149,8 @@ class SFT:
         lr_at = schedule(self.opt_args["lr"], steps, kind=self.opt_args["schedule_kind"], warmup_steps=self.opt_args["warmup_steps"])
         lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
         opt_state = optimizer.init(lora)
-        step_fn = make_sft_step(self.model.config, optimizer, remat=self.remat, grad_accum=self.grad_accum,
-                                attn_impl=self.attention)
-        if self.mesh is not None:
-            jax.set_mesh(self.mesh)  # lets layers pin activation layouts (see transformer._same_layout)
+        step_fn = sharding.scoped(self.mesh, make_sft_step(self.model.config, optimizer, remat=self.remat,
+                                                           grad_accum=self.grad_accum, attn_impl=self.attention))
 
         checkpoints, start, lora, opt_state, history = start_run(
             self.out_dir, checkpoint_every=self.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
