@@ -22,12 +22,28 @@ LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, interm
                  num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+MODELS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 SMALL = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
 
 
-def random_params(config, quant: str, key):
-    """bf16 params with random weights, made one layer at a time so the peak stays near the result."""
+def random_params(config, quant: str, key, mesh=None):
+    """bf16 params with random weights, made one layer at a time so the peak stays near the result;
+    with a mesh, each device makes only its own shard (so a model too big for one device fits)."""
+    import functools
+
+    import jax
+
+    make = functools.partial(_random_params, config, quant)
+    if mesh is None:
+        return jax.jit(make)(key)
+    from jft.sharding import param_shardings
+
+    return jax.jit(make, out_shardings=param_shardings(jax.eval_shape(make, key), mesh))(key)
+
+
+def _random_params(config, quant: str, key):
     import jax
     import jax.numpy as jnp
 
@@ -43,7 +59,7 @@ def random_params(config, quant: str, key):
             p = {n: quantize(v, quant) if v.ndim == 2 else v for n, v in p.items()}
         return p
 
-    layers = jax.jit(lambda ks: jax.lax.map(layer, ks))(jax.random.split(key, config.num_layers))
+    layers = jax.lax.map(layer, jax.random.split(key, config.num_layers))
     shapes = param_shapes(config)
     out = {"layers": layers,
            "embed": (jax.random.normal(key, shapes["embed"], jnp.bfloat16) * 0.02),
@@ -90,17 +106,16 @@ def setup(args):
     import jft
     from jft.config import config_from_hf
 
-    config = config_from_hf(SMALL if args.small else LLAMA3_8B)
+    config = config_from_hf(SMALL if args.small else MODELS[args.model])
     if args.kernels:
         jft.kernels.use(args.kernels)
-    params = random_params(config, args.quant[0], jax.random.key(0))
-    model = jft.Model(config, params)
-    lora = jft.lora.init(model, r=args.r, alpha=args.r, targets="all-linear", key=jax.random.key(1))
     mesh = None
     if args.mesh:
         data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
         mesh = jft.mesh(data=data, fsdp=fsdp, tensor=tensor)
-        params = jft.sharding.shard_params(params, mesh)
+    params = random_params(config, args.quant[0], jax.random.key(0), mesh)
+    lora = jft.lora.init(jft.Model(config, params), r=args.r, alpha=args.r, targets="all-linear", key=jax.random.key(1))
+    if mesh is not None:
         lora = jft.sharding.replicate(lora, mesh)
     opt = optax.adamw(2e-4)
     opt_state = opt.init(lora)
@@ -111,8 +126,31 @@ def setup(args):
              "segment_ids": jnp.ones((b, t), jnp.int32)}
     if mesh is not None:
         batch = jft.sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
-        jax.set_mesh(mesh)
+        jax.set_mesh(mesh)  # this process runs one configuration
     return config, step, params, lora, opt_state, batch
+
+
+def one_device_gib(args) -> float:
+    """What XLA's compiled step would need on one device with the model unsharded: argument +
+    output - donated + temp bytes (compiled only, nothing allocated)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jft
+    from jft.config import config_from_hf
+
+    config = config_from_hf(SMALL if args.small else MODELS[args.model])
+    params = jax.eval_shape(functools.partial(_random_params, config, args.quant[0]), jax.random.key(0))
+    lora = jax.eval_shape(lambda p, k: jft.lora.init(jft.Model(config, p), r=args.r, alpha=args.r, targets="all-linear", key=k),
+                          params, jax.random.key(1))
+    opt_state = jax.eval_shape(optax.adamw(2e-4).init, lora)
+    batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32) for k in ("input_ids", "labels", "positions", "segment_ids")}
+    step = jft.train.make_sft_step(config, optax.adamw(2e-4), remat=args.remat, attn_impl=args.attn)
+    m = step.lower(params, lora, opt_state, batch).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**30
 
 
 def run_one(args) -> dict:
@@ -121,15 +159,15 @@ def run_one(args) -> dict:
 
     import jft
 
+    one_device = one_device_gib(args) if args.mesh else None
     config, step, params, lora, opt_state, batch = setup(args)
     b, t = args.batch, args.seq
     t0 = time.perf_counter()
-    lora, opt_state, metrics = step(params, lora, opt_state, batch)
-    float(metrics["loss"])
+    step = step.lower(params, lora, opt_state, batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         lora, opt_state, metrics = step(params, lora, opt_state, batch)
-    float(metrics["loss"])
+        float(metrics["loss"])
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -142,7 +180,7 @@ def run_one(args) -> dict:
             "batch": b, "seq": t, "r": args.r, "mesh": args.mesh or "1 device", "tokens_per_s": b * t / step_s, "step_s": step_s,
             "compile_s": compile_s, "peak_gib": peak / 2**30, "params_gib": jft.quant.param_bytes(params) / 2**30,
             "model_tflops_per_s": model_flops_per_token(config, t, args.r) * b * t / step_s / 1e12 / len(jax.devices()),
-            "loss": float(metrics["loss"])}
+            "loss": float(metrics["loss"]), "model": "small" if args.small else args.model, "one_device_gib": one_device}
 
 
 def max_context(args) -> dict:
@@ -182,6 +220,7 @@ def max_context(args) -> dict:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="the model's shapes (random weights)")
     p.add_argument("--quant", action="append", choices=["none", "nf4", "fp8"], help="repeat for several runs")
     p.add_argument("--attn", default=None, help="comma list of xla, cudnn (default: cudnn on GPU, xla on CPU)")
     p.add_argument("--remat", default="full", help="comma list of none, full, save_dots, offload")
@@ -234,7 +273,8 @@ def main(argv=None):
                 for kernels in (args.kernels or "auto").split(","):
                     cmd = [sys.executable, __file__, "--one", "--quant", quant, "--attn", attn, "--remat", remat,
                            "--kernels", kernels, "--r", str(args.r), "--batch", str(args.batch), "--seq", str(args.seq),
-                           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
+                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model]
+                    cmd += ["--small"] if args.small else []
                     cmd += ["--mesh", args.mesh] if args.mesh else []
                     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
                     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -246,8 +286,8 @@ def main(argv=None):
                     row["mfu"] = row["model_tflops_per_s"] / ceiling
                     rows.append(row)
                     print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} {row['batch']:>5} x {row['seq']:<5} "
-                          f"{row['tokens_per_s']:>9.0f} {row['step_s']:>7.3f} {row['peak_gib']:>9.2f} {row['mfu']:>6.1%}",
-                          flush=True)
+                          f"{row['tokens_per_s']:>9.0f} {row['step_s']:>7.3f} {row['peak_gib']:>9.2f} {row['mfu']:>6.1%}"
+                          + (f"  (one device would need {row['one_device_gib']:.1f} GiB)" if args.mesh else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"matmul_tflops": ceiling, "rows": rows}, f, indent=2)

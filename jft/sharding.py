@@ -95,6 +95,15 @@ def gather_layer(layer: dict) -> dict:
     return jax.tree_util.tree_map_with_path(whole, layer, is_leaf=is_quantized)
 
 
+def keep_replicated(tree):
+    """Inside a step traced under a mesh: `tree` (LoRA weights, optimizer state) replicated, as it was
+    placed, so the partitioner does not hand back a sharded copy that the next call would have to be
+    compiled again for. No-op outside a mesh."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
+
+
 def param_shardings(params: dict, m: Mesh):
     """A pytree of NamedShardings matching `params` (quantized leaves expand to their children)."""
     from jft.quant import is_quantized

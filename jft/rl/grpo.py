@@ -180,7 +180,7 @@ def make_grpo_step(config: Config, optimizer: optax.GradientTransformation, cfg:
         zeros = jax.tree.map(jnp.zeros_like, lora)
         (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
+        lora, opt_state = sharding.keep_replicated((optax.apply_updates(lora, updates), opt_state))
         metrics = {name: jnp.mean(v) for name, v in metrics.items()}
         return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 

@@ -14,6 +14,7 @@ import optax
 from jft import kernels
 from jft.config import Config
 from jft.nn.transformer import REMAT_POLICIES, forward_hidden, output_weight  # noqa: F401
+from jft.sharding import keep_replicated
 
 IGNORE = -100
 
@@ -82,7 +83,7 @@ def make_sft_step(config: Config, optimizer: optax.GradientTransformation, *, re
             batch = {k: v.reshape(grad_accum, b // grad_accum, *v.shape[1:]) for k, v in batch.items()}
         loss, grads, tokens = loss_and_grads(config, params, lora, batch, key=key, remat=remat, attn_impl=attn_impl)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
+        lora, opt_state = keep_replicated((optax.apply_updates(lora, updates), opt_state))
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
         return lora, opt_state, metrics
 
