@@ -40,12 +40,14 @@ def random_params(config, quant: str, key, mesh=None):
         return jax.jit(make)(key)
     from jft.sharding import param_shardings
 
-    return jax.jit(make, out_shardings=param_shardings(jax.eval_shape(make, key), mesh))(key)
+    shardings = param_shardings(jax.eval_shape(make, key), mesh)
+    return jax.jit(functools.partial(make, layer_shardings=shardings["layers"]), out_shardings=shardings)(key)
 
 
-def _random_params(config, quant: str, key):
+def _random_params(config, quant: str, key, layer_shardings=None):
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from jft.nn.transformer import init_params, param_shapes
     from jft.quant import quantize
@@ -57,6 +59,9 @@ def _random_params(config, quant: str, key):
         p = {n: v[0] for n, v in p.items()}
         if quant != "none":
             p = {n: quantize(v, quant) if v.ndim == 2 else v for n, v in p.items()}
+        if layer_shardings is not None:  # one layer's slice of the stacked placement: no whole-stack temporaries
+            p = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))),
+                             p, layer_shardings)
         return p
 
     layers = jax.lax.map(layer, jax.random.split(key, config.num_layers))
@@ -165,6 +170,8 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     step = step.lower(params, lora, opt_state, batch).compile()
     compile_s = time.perf_counter() - t0
+    m = step.memory_analysis()  # per device
+    step_gib = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**30
     for _ in range(args.warmup):
         lora, opt_state, metrics = step(params, lora, opt_state, batch)
         float(metrics["loss"])
@@ -180,7 +187,8 @@ def run_one(args) -> dict:
             "batch": b, "seq": t, "r": args.r, "mesh": args.mesh or "1 device", "tokens_per_s": b * t / step_s, "step_s": step_s,
             "compile_s": compile_s, "peak_gib": peak / 2**30, "params_gib": jft.quant.param_bytes(params) / 2**30,
             "model_tflops_per_s": model_flops_per_token(config, t, args.r) * b * t / step_s / 1e12 / len(jax.devices()),
-            "loss": float(metrics["loss"]), "model": "small" if args.small else args.model, "one_device_gib": one_device}
+            "loss": float(metrics["loss"]), "model": "small" if args.small else args.model,
+            "compiled_gib": step_gib, "one_device_gib": one_device}
 
 
 def max_context(args) -> dict:
@@ -256,6 +264,10 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(row, f, indent=2)
         return
+    # each configuration runs in a child with the caller's preallocation setting (default off); this
+    # parent only measures the matmul ceiling and must not reserve the device's memory
+    child_env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
@@ -276,8 +288,7 @@ def main(argv=None):
                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model]
                     cmd += ["--small"] if args.small else []
                     cmd += ["--mesh", args.mesh] if args.mesh else []
-                    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-                    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
                     if done.returncode != 0:
                         tail = done.stderr.strip().splitlines()[-3:]
                         print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} failed: {' | '.join(tail)[:300]}")
@@ -287,7 +298,8 @@ def main(argv=None):
                     rows.append(row)
                     print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} {row['batch']:>5} x {row['seq']:<5} "
                           f"{row['tokens_per_s']:>9.0f} {row['step_s']:>7.3f} {row['peak_gib']:>9.2f} {row['mfu']:>6.1%}"
-                          + (f"  (one device would need {row['one_device_gib']:.1f} GiB)" if args.mesh else ""), flush=True)
+                          + (f"  (compiled step: {row['compiled_gib']:.1f} GiB per device; one device would need"
+                             f" {row['one_device_gib']:.1f})" if args.mesh else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"matmul_tflops": ceiling, "rows": rows}, f, indent=2)

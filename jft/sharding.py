@@ -1,7 +1,7 @@
 """Scale by sharding: a (data, fsdp, tensor) device mesh and where each canonical param lives on it.
 
-Params are placed by name: a linear weight [L, out, in] splits `out` over tensor and `in` over fsdp
-(the output projections o/down the other way round), embeddings split vocab over tensor and hidden
+Params are placed by name: a linear weight [L, out, in] splits `out` over fsdp and (except the output
+projections o/down, which split `in`) over tensor; embeddings split vocab over tensor and hidden
 over fsdp, norms are replicated. NF4 leaves, whose bytes are flat per matrix, split along their
 quantization blocks over fsdp. LoRA weights and optimizer state are small and stay replicated.
 Batches split their rows over data x fsdp. `jit` then partitions the unchanged step (GSPMD); inside
@@ -18,7 +18,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
-_OUT_IN = {"q", "k", "v", "gate", "up"}  # [L, out, in]: out over tensor, in over fsdp
+# Layer matrices are [L, out, in] and fsdp always splits `out`: gathering a layer then concatenates
+# along its major dim. (Splitting `in` made XLA re-lay-out the whole stack of each matrix before the
+# layer loop, a second copy of the weights.)
+_OUT_IN = {"q", "k", "v", "gate", "up"}  # out over tensor, then over fsdp within each tensor slice
 _IN_OUT = {"o", "down"}  # reduce back to the residual stream: out over fsdp, in over tensor
 
 
@@ -39,11 +42,29 @@ def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
 
 
 def _fits(shape, spec, m: Mesh) -> P:
-    """`spec`, with every axis that does not divide its dimension dropped (that dim replicated)."""
+    """`spec`, each dim keeping the longest prefix of its mesh axes whose sizes divide it."""
     out = []
-    for dim, axis in zip(shape, spec):
-        out.append(axis if axis is not None and dim % m.shape[axis] == 0 else None)
+    for dim, axes in zip(shape, spec):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for axis in axes:
+            if dim % (int(np.prod([m.shape[a] for a in kept])) * m.shape[axis]):
+                break
+            kept.append(axis)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return P(*out)
+
+
+def _without_fsdp(spec) -> tuple:
+    def drop(axes):
+        if axes == "fsdp":
+            return None
+        if isinstance(axes, tuple):
+            rest = tuple(a for a in axes if a != "fsdp")
+            return rest[0] if len(rest) == 1 else (rest or None)
+        return axes
+
+    return tuple(drop(axes) for axes in spec)
 
 
 def _dense_spec(path: tuple[str, ...], ndim: int) -> tuple:
@@ -52,7 +73,7 @@ def _dense_spec(path: tuple[str, ...], ndim: int) -> tuple:
         return ("tensor", "fsdp")
     if path[0] == "layers" and ndim == 3:
         if name in _OUT_IN:
-            return (None, "tensor", "fsdp")
+            return (None, ("tensor", "fsdp"), None)
         if name in _IN_OUT:
             return (None, "fsdp", "tensor")
     if path[0] == "layers" and name.endswith("_bias"):
@@ -76,8 +97,9 @@ def gather_layer(layer: dict) -> dict:
 
     Left to itself the partitioner may gather the whole stack of layers before the loop, and it
     cannot split a Pallas kernel such as the NF4 dequantize; asking for whole matrices here makes
-    the gather per layer, of the 4-bit bytes, and recomputed in the backward pass under remat.
-    No-op outside a mesh with fsdp > 1 (set by `jax.set_mesh`).
+    the gather per layer, of the 4-bit bytes, and recomputed in the backward pass under remat. The
+    optimization barrier stops XLA from giving the whole stacked weight the layout the gather wants,
+    which costs a copy of every weight outside the loop. No-op outside a mesh with fsdp > 1.
     """
     from jft.quant import is_quantized
 
@@ -88,11 +110,10 @@ def gather_layer(layer: dict) -> dict:
     def whole(path, leaf):
         if is_quantized(leaf):
             return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), leaf)
-        spec = _dense_spec(("layers", path[-1].key), leaf.ndim + 1)[1:]
-        spec = tuple(None if axis == "fsdp" else axis for axis in spec)
+        spec = _without_fsdp(_dense_spec(("layers", path[-1].key), leaf.ndim + 1)[1:])
         return jax.lax.with_sharding_constraint(leaf, _fits(leaf.shape, spec, m))
 
-    return jax.tree_util.tree_map_with_path(whole, layer, is_leaf=is_quantized)
+    return jax.tree_util.tree_map_with_path(whole, jax.lax.optimization_barrier(layer), is_leaf=is_quantized)
 
 
 def keep_replicated(tree):
