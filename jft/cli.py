@@ -27,7 +27,20 @@ _TRAIN_DEFAULTS = dict(quantize=None, dtype="bfloat16", r=16, alpha=16.0, dropou
                        batch_size=2, grad_accum=1, max_seq_length=2048, packing=False, template=None,
                        responses_only=True, format=None, warmup_steps=0, schedule="linear", weight_decay=0.0,
                        remat="full", eval_dataset=None, eval_every=0, checkpoint_every=0, resume=False, seed=0,
-                       split="train")
+                       split="train", mesh=None)
+
+
+def _mesh(spec):
+    """--mesh "data,fsdp,tensor" (one of them may be -1: the devices left) as a jft.mesh, or None."""
+    if not spec:
+        return None
+    import jft
+
+    try:
+        data, fsdp, tensor = (int(x) for x in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"--mesh takes data,fsdp,tensor such as 1,-1,1 (FSDP over every device), got {spec!r}") from None
+    return jft.mesh(data=data, fsdp=fsdp, tensor=tensor)
 
 
 def _train_options(args) -> dict:
@@ -57,6 +70,7 @@ def _train(args) -> int:
     import jft
 
     o = _train_options(args)
+    mesh = _mesh(o["mesh"])
     model = jft.load(o["model"], dtype=o["dtype"], quantize=o["quantize"])
     print(model)
     targets = o["targets"] if o["targets"] == "all-linear" else tuple(t.strip() for t in str(o["targets"]).split(","))
@@ -69,7 +83,7 @@ def _train(args) -> int:
         lr_schedule=o["schedule"], warmup_steps=o["warmup_steps"], max_seq_length=o["max_seq_length"],
         batch_size=o["batch_size"], grad_accum=o["grad_accum"], packing=o["packing"], template=o["template"],
         responses_only=o["responses_only"], format=o["format"], remat=o["remat"], out_dir=o["out"],
-        checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"], seed=o["seed"])
+        checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"], seed=o["seed"], mesh=mesh)
     state = trainer.fit(dataset, steps=o["steps"], epochs=o["epochs"] if o["steps"] is None else None,
                         eval_dataset=eval_dataset, resume=o["resume"])
     adapter = f"{o['out']}/adapter"
@@ -133,6 +147,7 @@ def _grpo(args) -> int:
     import jft
     from jft.rl import GRPO, GRPOConfig, gsm8k_prompts
 
+    mesh = _mesh(args.mesh)
     model = jft.load(args.model, dtype=args.dtype, quantize=args.quantize)
     print(model)
     targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
@@ -154,7 +169,7 @@ def _grpo(args) -> int:
         from jft.rl.vllm_engine import VllmEngine
 
         engine = VllmEngine(model, lora, max_model_len=args.max_prompt_length + args.max_completion_length)
-    trainer = GRPO(model, lora, _reward_fns(args.reward), engine=engine, config=cfg)
+    trainer = GRPO(model, lora, _reward_fns(args.reward), engine=engine, config=cfg, mesh=mesh)
     state = trainer.fit(rows, steps=args.steps, resume=args.resume)
     adapter = f"{args.out}/adapter"
     jft.convert.save_lora(model, state.lora, adapter)
@@ -214,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--resume", action="store_const", const=True)
     t.add_argument("--seed", type=int)
+    t.add_argument("--mesh", help="data,fsdp,tensor: shard over the devices (e.g. 1,-1,1 for FSDP over all)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="write a trained adapter as PEFT, merged safetensors, bnb-4bit or GGUF")
@@ -258,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--min-p", type=float, default=0.0)
     r.add_argument("--engine", default="jax", choices=["jax", "vllm"])
+    r.add_argument("--mesh", help="data,fsdp,tensor: shard over the devices (e.g. 1,-1,1 for FSDP over all)")
     r.add_argument("--quantize", choices=["nf4", "fp8"])
     r.add_argument("--dtype", default="bfloat16")
     r.add_argument("--r", type=int, default=16)

@@ -13,8 +13,10 @@ from jft.demo import build_tiny_model
 GSM8K_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl")
 
 
-def _jft(*args, cwd=None):
+def _jft(*args, cwd=None, devices=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", "jft.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
@@ -44,6 +46,17 @@ def test_train_then_export_merged_then_generate(base, tmp_path):
     assert r.returncode == 0, r.stderr
     r = _jft("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "4")
     assert r.returncode == 0 and "### Hello" in r.stdout, r.stderr
+
+
+def test_train_sharded_over_eight_devices(base, tmp_path):
+    out = tmp_path / "run"
+    r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", "2", "--batch-size", "8", "--packing",
+             "--max-seq-length", "256", "--mesh", "2,-1,1", "--out", str(out), devices=8)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    for mesh, error in (("3,-1,1", "8 devices cannot be split"), ("1,-1,1", "batch_size=2 rows cannot be split")):
+        r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--mesh", mesh, "--out", str(out), devices=8)
+        assert r.returncode == 2 and error in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):

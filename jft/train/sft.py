@@ -90,6 +90,9 @@ class SFT:
                  log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto"):
         self.mesh = mesh
         if mesh is not None:
+            rows = mesh.shape["data"] * mesh.shape["fsdp"]
+            if batch_size % rows:
+                raise ValueError(f"batch_size={batch_size} rows cannot be split over data x fsdp = {rows} devices")
             model = sharding.shard_model(model, mesh)
             lora = sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
