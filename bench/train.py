@@ -29,22 +29,31 @@ SMALL = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256, 
 
 
 def random_params(config, quant: str, key, mesh=None):
-    """bf16 params with random weights, made one layer at a time so the peak stays near the result;
-    with a mesh, each device makes only its own shard (so a model too big for one device fits)."""
+    """bf16 (or quantized) params with random weights. Each top-level entry is made by its own
+    program, the layers one at a time, so making them needs less memory than the training step
+    (whose peak is what the table reports); with a mesh, each device makes only its own shard."""
     import functools
 
     import jax
 
-    make = functools.partial(_random_params, config, quant)
-    if mesh is None:
-        return jax.jit(make)(key)
-    from jft.sharding import param_shardings
+    shapes = jax.eval_shape(functools.partial(_random_params, config, quant), key)
+    shardings = dict.fromkeys(shapes)
+    if mesh is not None:
+        from jft.sharding import param_shardings
 
-    shardings = param_shardings(jax.eval_shape(make, key), mesh)
-    return jax.jit(functools.partial(make, layer_shardings=shardings["layers"]), out_shardings=shardings)(key)
+        shardings = param_shardings(shapes, mesh)
+    layer_shardings = shardings["layers"]
+    return {name: jax.jit(functools.partial(_random_entry, config, quant, name, layer_shardings=layer_shardings),
+                          out_shardings=shardings[name])(key) for name in shapes}
 
 
-def _random_params(config, quant: str, key, layer_shardings=None):
+def _random_params(config, quant: str, key):
+    from jft.nn.transformer import param_shapes
+
+    return {name: _random_entry(config, quant, name, key) for name in param_shapes(config)}
+
+
+def _random_entry(config, quant: str, name: str, key, layer_shardings=None):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -52,6 +61,11 @@ def _random_params(config, quant: str, key, layer_shardings=None):
     from jft.nn.transformer import init_params, param_shapes
     from jft.quant import quantize
 
+    shape = param_shapes(config)[name]
+    if name == "final_norm":
+        return jnp.ones(shape, jnp.bfloat16)
+    if name != "layers":  # embed, lm_head
+        return jax.random.normal(jax.random.fold_in(key, name == "lm_head"), shape, jnp.bfloat16) * 0.02
     one_layer = config.__class__(**{**config.__dict__, "num_layers": 1, "sliding_layers": config.sliding_layers[:1]})
 
     def layer(k):
@@ -64,14 +78,7 @@ def _random_params(config, quant: str, key, layer_shardings=None):
                              p, layer_shardings)
         return p
 
-    layers = jax.lax.map(layer, jax.random.split(key, config.num_layers))
-    shapes = param_shapes(config)
-    out = {"layers": layers,
-           "embed": (jax.random.normal(key, shapes["embed"], jnp.bfloat16) * 0.02),
-           "final_norm": jnp.ones(shapes["final_norm"], jnp.bfloat16)}
-    if "lm_head" in shapes:
-        out["lm_head"] = jax.random.normal(jax.random.fold_in(key, 1), shapes["lm_head"], jnp.bfloat16) * 0.02
-    return out
+    return jax.lax.map(layer, jax.random.split(key, config.num_layers))
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
