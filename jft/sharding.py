@@ -18,9 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
-# Layer matrices are [L, out, in] and fsdp always splits `out`: gathering a layer then concatenates
-# along its major dim. (Splitting `in` made XLA re-lay-out the whole stack of each matrix before the
-# layer loop, a second copy of the weights.)
+# Layer matrices are [L, out, in] and fsdp always splits `out`, so gathering a layer concatenates
+# along its major dim (no transpose of the gathered weight).
 _OUT_IN = {"q", "k", "v", "gate", "up"}  # out over tensor, then over fsdp within each tensor slice
 _IN_OUT = {"o", "down"}  # reduce back to the residual stream: out over fsdp, in over tensor
 

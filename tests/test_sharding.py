@@ -102,3 +102,49 @@ def test_sharded_loss_and_grads_equal_one_device(tmp_path):
 
 def test_sharded_nf4_model_trains_like_one_device(tmp_path):
     _check(_run(tmp_path, "nf4"))
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, optax
+    import jft
+    from jft.config import config_from_hf
+    from jft.nn.transformer import param_shapes
+
+    mesh = jft.mesh(fsdp=2)
+    P = jax.sharding.PartitionSpec
+
+    def compiled(layers):
+        config = config_from_hf(dict(model_type="llama", vocab_size=1024, hidden_size=512, intermediate_size=2048,
+                                     num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2))
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(config),
+                              is_leaf=lambda x: isinstance(x, tuple))
+        params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), shapes,
+                              jft.sharding.param_shardings(shapes, mesh))
+        lora = jax.eval_shape(lambda p, k: jft.lora.init(jft.Model(config, p), r=8, key=k), params, jax.random.key(0))
+        lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=jax.sharding.NamedSharding(mesh, P())), lora)
+        opt = jax.eval_shape(optax.adamw(1e-4).init, lora)
+        batch = {k: jax.ShapeDtypeStruct((2, 256), jnp.int32, sharding=jft.sharding.batch_sharding(mesh))
+                 for k in ("input_ids", "labels", "positions", "segment_ids")}
+        step = jft.train.make_sft_step(config, optax.adamw(1e-4))
+        with jax.set_mesh(mesh):
+            m = step.lower(params, lora, opt, batch).compile().memory_analysis()
+        return m.argument_size_in_bytes, m.temp_size_in_bytes
+
+    (args4, temp4), (args12, temp12) = compiled(4), compiled(12)
+    print("RESULT " + json.dumps({"weights_growth": args12 - args4, "temp_growth": temp12 - temp4}))
+""")
+
+
+def test_fsdp_keeps_one_copy_of_the_weights(tmp_path):
+    """8 more layers add their weight shards to the arguments but almost nothing to the temporaries:
+    each layer is gathered inside the loop, and no re-laid-out copy of the weight stacks is made."""
+    script = tmp_path / "memory.py"
+    script.write_text(_MEMORY_SCRIPT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["temp_growth"] < 0.25 * r["weights_growth"], r
