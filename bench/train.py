@@ -65,7 +65,7 @@ def _random_entry(config, quant: str, name: str, key, layer_shardings=None):
     if name == "final_norm":
         return jnp.ones(shape, jnp.bfloat16)
     if name != "layers":  # embed, lm_head
-        return jax.random.normal(jax.random.fold_in(key, name == "lm_head"), shape, jnp.bfloat16) * 0.02
+        return jax.random.normal(jax.random.fold_in(key, int(name == "lm_head")), shape, jnp.bfloat16) * 0.02
     one_layer = config.__class__(**{**config.__dict__, "num_layers": 1, "sliding_layers": config.sliding_layers[:1]})
 
     def layer(k):
@@ -161,8 +161,13 @@ def one_device_gib(args) -> float:
     opt_state = jax.eval_shape(optax.adamw(2e-4).init, lora)
     batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32) for k in ("input_ids", "labels", "positions", "segment_ids")}
     step = jft.train.make_sft_step(config, optax.adamw(2e-4), remat=args.remat, attn_impl=args.attn)
-    m = step.lower(params, lora, opt_state, batch).compile().memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**30
+    return device_bytes(step.lower(params, lora, opt_state, batch).compile()) / 2**30
+
+
+def device_bytes(compiled) -> int:
+    """XLA's device memory for a compiled step, per device: arguments + outputs - donated + temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
 def run_one(args) -> dict:
@@ -177,8 +182,7 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     step = step.lower(params, lora, opt_state, batch).compile()
     compile_s = time.perf_counter() - t0
-    m = step.memory_analysis()  # per device
-    step_gib = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**30
+    step_gib = device_bytes(step) / 2**30
     for _ in range(args.warmup):
         lora, opt_state, metrics = step(params, lora, opt_state, batch)
         float(metrics["loss"])
@@ -210,9 +214,8 @@ def max_context(args) -> dict:
 
     def peak(seq):
         batch = {k: jax.ShapeDtypeStruct((args.batch, seq), jnp.int32) for k in ("input_ids", "labels", "positions", "segment_ids")}
-        m = step.lower(*state, batch).compile().memory_analysis()
-        device = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        return device, getattr(m, "host_temp_size_in_bytes", 0)
+        compiled = step.lower(*state, batch).compile()
+        return device_bytes(compiled), getattr(compiled.memory_analysis(), "host_temp_size_in_bytes", 0)
 
     lo, hi = 0, 8192
     while peak(hi)[0] <= limit:
