@@ -108,6 +108,12 @@ def model_flops_per_token(config, seq: int, r: int) -> float:
     return 4 * dense + 6 * lora + 2 * attention
 
 
+def model_config(args):
+    from jft.config import config_from_hf
+
+    return config_from_hf(SMALL if args.small else MODELS[args.model])
+
+
 def setup(args):
     """The real jft SFT step and its inputs for one configuration: (step, params, lora, opt_state, batch)."""
     import jax
@@ -116,9 +122,8 @@ def setup(args):
     import optax
 
     import jft
-    from jft.config import config_from_hf
 
-    config = config_from_hf(SMALL if args.small else MODELS[args.model])
+    config = model_config(args)
     if args.kernels:
         jft.kernels.use(args.kernels)
     mesh = None
@@ -152,9 +157,8 @@ def one_device_gib(args) -> float:
     import optax
 
     import jft
-    from jft.config import config_from_hf
 
-    config = config_from_hf(SMALL if args.small else MODELS[args.model])
+    config = model_config(args)
     params = jax.eval_shape(functools.partial(_random_params, config, args.quant[0]), jax.random.key(0))
     lora = jax.eval_shape(lambda p, k: jft.lora.init(jft.Model(config, p), r=args.r, alpha=args.r, targets="all-linear", key=k),
                           params, jax.random.key(1))

@@ -164,6 +164,19 @@ def batch_sharding(m: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(m, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def check_rows(rows: int, m: Mesh | None, what: str) -> None:
+    """A clear error when `rows` batch rows cannot be split over the mesh's data x fsdp devices."""
+    if m is not None and rows % (m.shape["data"] * m.shape["fsdp"]):
+        raise ValueError(f"{what} cannot be split over data x fsdp = {m.shape['data'] * m.shape['fsdp']} devices")
+
+
+def place_batch(batch: dict, m: Mesh | None) -> dict:
+    """A host batch on the devices: rows split over the mesh, or whole on the default device."""
+    if m is None:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    return shard_batch(batch, m)
+
+
 def shard_batch(batch: dict, m: Mesh) -> dict:
     """Rows of a host-local batch split over data x fsdp (each host passes its own rows)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(m, np.ndim(v)), np.asarray(v))

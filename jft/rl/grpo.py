@@ -260,11 +260,9 @@ class GRPO:
                  optimizer: optax.GradientTransformation | None = None, mesh=None):
         self.config = config or GRPOConfig()
         self.mesh = mesh
+        sharding.check_rows(self.config.batch_size, mesh,
+                            f"prompts_per_step * num_generations = {self.config.batch_size} completions")
         if mesh is not None:
-            rows = mesh.shape["data"] * mesh.shape["fsdp"]
-            if self.config.batch_size % rows:
-                raise ValueError(f"prompts_per_step * num_generations = {self.config.batch_size} completions cannot be "
-                                 f"split over data x fsdp = {rows} devices")
             model, lora = sharding.shard_model(model, mesh), sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
         self.reward_fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
@@ -349,7 +347,7 @@ class GRPO:
         for step in range(start, steps):
             batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
             t0 = time.perf_counter()
-            batch = self._device_batch(batch)
+            batch = sharding.place_batch(batch, self.mesh)
             if cfg.num_iterations > 1:
                 batch["old_logprobs"] = logprob_fn(self.model.config, self.model.params, lora, batch,
                                                    temperature=cfg.temperature, remat="none", attn_impl=attn_impl)
@@ -379,11 +377,6 @@ class GRPO:
         self.lora = lora
         self.engine.sync(self.model.params, lora)
         return GRPOState(lora, opt_state, steps, history)
-
-    def _device_batch(self, batch: dict) -> dict:
-        if self.mesh is not None:
-            return sharding.shard_batch(batch, self.mesh)
-        return {k: jnp.asarray(v) for k, v in batch.items()}
 
     def _log(self, record: dict) -> None:
         if not self.config.out_dir:

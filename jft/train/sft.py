@@ -89,10 +89,8 @@ class SFT:
                  remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
                  log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto"):
         self.mesh = mesh
+        sharding.check_rows(batch_size, mesh, f"batch_size={batch_size} rows")
         if mesh is not None:
-            rows = mesh.shape["data"] * mesh.shape["fsdp"]
-            if batch_size % rows:
-                raise ValueError(f"batch_size={batch_size} rows cannot be split over data x fsdp = {rows} devices")
             model = sharding.shard_model(model, mesh)
             lora = sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
@@ -118,9 +116,7 @@ class SFT:
                              template=self.template, responses_only=self.responses_only)
 
     def _device_batch(self, batch: dict) -> dict:
-        if self.mesh is not None:
-            return sharding.shard_batch(batch, self.mesh)
-        return {k: jnp.asarray(v) for k, v in batch.items()}
+        return sharding.place_batch(batch, self.mesh)
 
     def _pad_id(self) -> int:
         return pad_token_id_of(self.model)
