@@ -115,9 +115,6 @@ class SFT:
         return jdata.prepare(dataset, self.model.tokenizer, self.max_seq_length, format=self.format,
                              template=self.template, responses_only=self.responses_only)
 
-    def _device_batch(self, batch: dict) -> dict:
-        return sharding.place_batch(batch, self.mesh)
-
     def _pad_id(self) -> int:
         return pad_token_id_of(self.model)
 
@@ -127,7 +124,7 @@ class SFT:
         fn = sharding.scoped(self.mesh, jax.jit(eval_loss, static_argnames=("config", "attn_impl")))
         total, count = 0.0, 0
         for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
-            s, n = fn(self.model.config, self.model.params, lora, self._device_batch(batch), self.attention)
+            s, n = fn(self.model.config, self.model.params, lora, sharding.place_batch(batch, self.mesh), self.attention)
             total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
@@ -161,7 +158,7 @@ class SFT:
         for step in range(start, steps):
             epoch, batch = next(stream)
             tokens_since += int((batch["segment_ids"] > 0).sum())
-            batch = self._device_batch(batch)
+            batch = sharding.place_batch(batch, self.mesh)
             lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch, jax.random.fold_in(key, step))
             if (step + 1) % self.log_every == 0 or step + 1 == steps:
                 loss = float(metrics["loss"])
