@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int)
     t.add_argument("--schedule", choices=["linear", "cosine", "constant"])
     t.add_argument("--weight-decay", type=float)
-    t.add_argument("--remat", choices=["none", "full", "offload", "save_dots", "offload_dots"])
+    t.add_argument("--remat", choices=["none", "full", "offload", "save_dots"])
     t.add_argument("--eval-every", type=int)
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--resume", action="store_const", const=True)

@@ -332,6 +332,26 @@ def test_linear_cross_entropy_reference_matches_torch(kw):
     _assert_close(dw, t_dw)
 
 
+@pytest.mark.parametrize("impl", [linear_cross_entropy_reference, linear_cross_entropy_pallas])
+@pytest.mark.parametrize("kw", CE_CASES)
+def test_linear_cross_entropy_frozen_weight_gives_the_same_hidden_gradient(kw, impl):
+    """With the weight not differentiated, d(hidden) comes from the forward's expected rows."""
+    h, w, labels = _ce_inputs()
+    labels = labels.at[5].set(w.shape[0] + 2)  # out of range: its label logit counts as 0
+    if kw.get("ignore_index") == 0:
+        labels = jnp.where(labels == -100, 0, labels)
+    weights = jnp.arange(1, h.shape[0] + 1, dtype=F32)
+
+    def scalar(h):
+        loss, lse = impl(h, w, labels, **kw)
+        return jnp.sum(loss * weights) + 0.1 * jnp.sum(lse**2)
+
+    dh_with_weight, _ = _jax_ce_grads(impl, h, w, labels, **kw)  # the path checked against torch above
+    _assert_close(jax.jit(jax.grad(scalar))(h), dh_with_weight)
+    loss = lambda h, w: jnp.sum(impl(h, w, labels, **kw)[0])  # lse's cotangent is a symbolic zero
+    _assert_close(jax.jit(jax.grad(loss))(h, w), jax.jit(jax.grad(loss, (0, 1)))(h, w)[0])
+
+
 def test_linear_cross_entropy_reference_check_grads():
     h, w, labels = _ce_inputs(n=6, d=4, v=11)
     fn = lambda h, w: linear_cross_entropy_reference(h, w, labels, chunk_size=4, vocab_chunk_size=4, softcap=2.0)
@@ -348,7 +368,7 @@ def test_linear_cross_entropy_never_materialises_full_logits():
     assert "16x32xf32" in hlo
 
 
-def test_linear_cross_entropy_frozen_weight_costs_no_weight_matmul():
+def test_linear_cross_entropy_frozen_weight_costs_no_weight_matmul_and_no_recomputation():
     h, w, labels = _ce_inputs(n=64, d=8, v=96)
     kw = dict(chunk_size=16, vocab_chunk_size=32)
 
@@ -359,6 +379,9 @@ def test_linear_cross_entropy_frozen_weight_costs_no_weight_matmul():
 
     assert any(shape.startswith("f32[32,8]") for shape in dots((0, 1)))  # d(weight) per vocab chunk
     assert not any(shape.startswith("f32[32,8]") for shape in dots((0,)))
+    logits_tiles = lambda argnums: sum(shape.startswith("f32[16,32]") for shape in dots(argnums))
+    assert logits_tiles((0, 1)) == 2  # the forward's, and the backward's recomputation
+    assert logits_tiles((0,)) == 1  # d(hidden) is made in the forward, beside the logits
 
 
 @pytest.mark.parametrize("dtype,kw", [(F32, CE_CASES[0]), (BF16, CE_CASES[1])])

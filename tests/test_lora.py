@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 import jft
 import jft.lora
 from jft.convert.peft import adapter_tensors, load_lora, save_lora
+from jft.quant import NF4
 from jft.train.step import loss_and_grads
+from tests.test_quant_models import BNB, _bnb_dequantized_reference
 from tests.tiny_models import save_hf_model
 
 
@@ -35,11 +37,11 @@ def _batch(vocab, seed=0):
     return ids, labels
 
 
-def _jft_grads(model, lora, ids, labels):
+def _jft_grads(model, lora, ids, labels, remat="none"):
     batch = {"input_ids": ids, "labels": labels, "positions": np.broadcast_to(np.arange(ids.shape[1]), ids.shape),
              "segment_ids": np.ones_like(ids)}
     batch = {k: jnp.asarray(v, jnp.int32)[None] for k, v in batch.items()}
-    loss, grads, _ = loss_and_grads(model.config, model.params, lora, batch, remat="none")
+    loss, grads, _ = loss_and_grads(model.config, model.params, lora, batch, remat=remat)
     return float(loss), grads
 
 
@@ -77,6 +79,28 @@ def test_lora_gradients_equal_peft(family, tmp_path):
         scale = np.abs(ref).max()
         assert scale > 0, name
         np.testing.assert_allclose(g, ref, atol=1e-4 * scale, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
+def test_qlora_gradients_equal_peft_on_bitsandbytes_weights(remat, tmp_path):
+    """jft's NF4 matmul (which dequantizes again in the backward pass) against PEFT over
+    transformers holding bitsandbytes' own dequantization of the same 4-bit checkpoint."""
+    save_hf_model("llama", tmp_path / "fp32")
+    bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
+    bnb.save_pretrained(tmp_path / "bnb")
+    _bnb_dequantized_reference(bnb, tmp_path / "fp32").save_pretrained(tmp_path / "dequantized")
+    model = jft.load(str(tmp_path / "bnb"), dtype="float32")
+    assert isinstance(model.params["layers"]["q"], NF4)
+    lora = _random_b(jft.lora.init(model, r=4, alpha=8, targets="all-linear", key=jax.random.key(1)), jax.random.key(2))
+    save_lora(model, lora, tmp_path / "adapter")
+    ids, labels = _batch(model.config.vocab_size)
+
+    loss, grads = _jft_grads(model, lora, ids, labels, remat)
+    peft_loss, peft_grads = _peft_grads(tmp_path / "dequantized", tmp_path / "adapter", ids, labels)
+    assert abs(loss - peft_loss) < 1e-5 * abs(peft_loss)
+    for name, g in adapter_tensors(model, grads)[0].items():
+        ref = peft_grads[name]
+        np.testing.assert_allclose(g, ref, atol=1e-4 * np.abs(ref).max(), rtol=0, err_msg=name)
 
 
 def test_trainable_embeddings_gradients_equal_peft(tmp_path):

@@ -4,10 +4,11 @@
     lse = logsumexp(z, -1),  loss = lse - z[label]  (0 where label == ignore_index)
 
 Both come back per token in fp32. The work is chunked over tokens (`chunk_size`) and vocabulary
-(`vocab_chunk_size`); only a [chunk_size, vocab_chunk_size] tile of logits exists at a time. The
-backward pass recomputes each tile and produces d(hidden) and d(weight); the vocabulary loop is the
-outer one there, so d(weight) is written in place chunk by chunk and never accumulated in fp32 as
-a whole (and, when the weight is frozen, XLA drops that work as dead code).
+(`vocab_chunk_size`); only a [chunk_size, vocab_chunk_size] tile of logits exists at a time. When
+the weight is differentiated, the backward pass recomputes each tile and produces d(hidden) and
+d(weight); the vocabulary loop is the outer one there, so d(weight) is written in place chunk by
+chunk and never accumulated in fp32 as a whole. When it is frozen (QLoRA's lm_head), the forward
+pass also accumulates what d(hidden) needs, and the backward pass touches no logits at all.
 
 The reference and the Pallas version share this chunked driver and differ only in the per-tile
 functions (statistics of a tile in the forward, d(logits) of a tile in the backward), which the
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -286,24 +288,79 @@ def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
     return dh[:n].astype(hidden.dtype), dw
 
 
+def _forward_with_expected_row(hidden, weight, labels, cfg):
+    """`_forward` for a frozen weight, plus what d(hidden) needs, so the backward never recomputes
+    the logits: per token, E[t_v * weight_v] under softmax(z), t_v = dz_v/dlogit_v (1 without
+    softcap), accumulated online over vocabulary chunks as flash attention accumulates values."""
+    n, v = hidden.shape[0], weight.shape[0]
+    n_vocab_chunks = cdiv(v, min(cfg.vocab_chunk_size, v))
+    h_chunks, label_chunks = _token_chunks(cfg, hidden, (labels, cfg.ignore_index))
+    compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+
+    def token_chunk(xs):
+        h, y = xs
+
+        def vocab_step(j, carry):
+            m, s, z_label, acc = carry
+            w, start, fresh_from = _vocab_chunk(weight, j, cfg)
+            z = _transform(_dot_t(h, w), cfg)
+            cols = start + jnp.arange(z.shape[1])[None, :]
+            fresh = cols >= fresh_from
+            m_new = jnp.maximum(m, jnp.max(jnp.where(fresh, z, -jnp.inf), axis=1))
+            e = jnp.where(fresh, jnp.exp(z - m_new[:, None]), 0.0)
+            rescale = jnp.exp(m - m_new)
+            weighted = e if cfg.softcap is None else e * (1.0 - jnp.square(z / cfg.softcap))
+            acc = acc * rescale[:, None] + jnp.dot(weighted.astype(compute_dtype), w.astype(compute_dtype),
+                                                   preferred_element_type=jnp.float32)
+            z_label = z_label + jnp.sum(jnp.where(fresh & (cols == y[:, None]), z, 0.0), axis=1)
+            return m_new, s * rescale + jnp.sum(e, axis=1), z_label, acc
+
+        rows = h.shape[0]
+        init = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,)), jnp.zeros((rows,)), jnp.zeros((rows, h.shape[1])))
+        m, s, z_label, acc = jax.lax.fori_loop(0, n_vocab_chunks, vocab_step, init)
+        return m + jnp.log(s), z_label, acc / s[:, None]
+
+    lse, z_label, expected = jax.lax.map(token_chunk, (h_chunks, label_chunks))
+    lse, z_label, expected = lse.reshape(-1)[:n], z_label.reshape(-1)[:n], expected.reshape(-1, hidden.shape[1])[:n]
+    loss = jnp.where(labels == cfg.ignore_index, 0.0, lse - z_label)
+    return loss, lse, z_label, expected
+
+
+def _hidden_grad(weight, labels, z_label, expected, g_loss, g_lse, cfg):
+    """d(hidden) from the forward's expected rows: d/dh of loss = lse - z_label and of lse."""
+    g_loss = jnp.where(labels == cfg.ignore_index, 0.0, g_loss)
+    label_row = jnp.take(weight, jnp.clip(labels, 0, weight.shape[0] - 1), axis=0).astype(jnp.float32)
+    label_row = jnp.where(((labels >= 0) & (labels < weight.shape[0]))[:, None], label_row, 0.0)
+    if cfg.softcap is not None:
+        label_row = label_row * (1.0 - jnp.square(z_label / cfg.softcap))[:, None]
+    return cfg.logit_scale * ((g_loss + g_lse)[:, None] * expected - g_loss[:, None] * label_row)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _linear_cross_entropy(hidden, weight, labels, cfg):
     return _forward(hidden, weight, labels, cfg)
 
 
 def _lce_fwd(hidden, weight, labels, cfg):
-    loss, lse = _forward(hidden, weight, labels, cfg)
-    return (loss, lse), (hidden, weight, labels, lse)
+    # symbolic_zeros: each primal says whether it is differentiated; a frozen weight (QLoRA's
+    # lm_head) needs no d(weight), so d(hidden) is made here, beside the logits, at no extra matmul
+    if weight.perturbed:
+        loss, lse = _forward(hidden.value, weight.value, labels.value, cfg)
+        return (loss, lse), (hidden.value, weight.value, labels.value, lse, None, None)
+    loss, lse, z_label, expected = _forward_with_expected_row(hidden.value, weight.value, labels.value, cfg)
+    return (loss, lse), (jnp.zeros((0,), hidden.value.dtype), weight.value, labels.value, lse, z_label, expected)
 
 
 def _lce_bwd(cfg, res, cotangents):
-    hidden, weight, labels, lse = res
-    g_loss, g_lse = cotangents
+    hidden, weight, labels, lse, z_label, expected = res  # hidden: an empty array of its dtype when frozen
+    g_loss, g_lse = (jnp.zeros_like(lse) if isinstance(g, SymbolicZero) else g for g in cotangents)
+    if expected is not None:
+        return _hidden_grad(weight, labels, z_label, expected, g_loss, g_lse, cfg).astype(hidden.dtype), None, None
     dh, dw = _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg)
     return dh, dw, None
 
 
-_linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd)
+_linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd, symbolic_zeros=True)
 
 
 def _make(tiles):

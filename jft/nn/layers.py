@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jft.config import Config, Rope
 from jft.kernels import nf4 as nf4_kernels
@@ -30,9 +31,45 @@ def dense(w, dtype):
     return w.astype(dtype)
 
 
+QUANTIZED_DOT = "quantized_dot"  # the name remat policies save a quantized matmul's output by
+
+
+@jax.custom_vjp
+def quantized_matmul(x, w):
+    """x @ dense(w).T for a frozen quantized w [out, in].
+
+    The backward pass dequantizes w again rather than keeping the forward's dense copy: under
+    remat, that copy would stay alive from the recomputed forward to the backward, and a layer's
+    seven dense matrices at once are most of QLoRA's working memory. w gets no gradient."""
+    return jnp.einsum("...i,oi->...o", x, dense(w, x.dtype))
+
+
+def _quantized_matmul_fwd(x, w):
+    return quantized_matmul(x, w), w
+
+
+def _quantized_matmul_bwd(w, g):
+    # the barrier ties this dequantize to g: XLA can neither merge it with the forward's nor run it early
+    w, g = jax.lax.optimization_barrier((w, g))
+    dx = jnp.einsum("...o,oi->...i", g, dense(w, g.dtype))
+    return dx, jax.tree.map(_zero_cotangent, w)
+
+
+def _zero_cotangent(leaf):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
 def linear(x, w, lora=None, bias=None, *, lora_scale: float = 1.0, lora_dropout_key=None, lora_dropout: float = 0.0):
     """y = x @ w.T (+ bias) (+ scale * dropout(x) @ A.T @ B.T); w is [out, in], dense or quantized."""
-    y = jnp.einsum("...i,oi->...o", x, dense(w, x.dtype))
+    if hasattr(w, "dequantize"):
+        y = checkpoint_name(quantized_matmul(x, w), QUANTIZED_DOT)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(y.dtype)
     if lora is not None:

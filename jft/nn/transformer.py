@@ -15,13 +15,13 @@ from jax.ad_checkpoint import checkpoint_name
 from jft.config import Config
 from jft.kernels.attention import attention_pallas as flash_attention
 from jft.nn import attention as attn
-from jft.nn.layers import activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
+from jft.nn.layers import QUANTIZED_DOT, activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
 from jft.sharding import gather_layer
 
 # "full" recomputes each layer in the backward pass from its input, kept on the device; "offload"
 # does the same with the layer inputs in host memory (Unsloth's default); "save_dots" keeps every
-# matmul output on the device; "offload_dots" keeps them in host memory.
-REMAT_POLICIES = ("none", "full", "offload", "save_dots", "offload_dots")
+# matmul output on the device.
+REMAT_POLICIES = ("none", "full", "offload", "save_dots")
 # "xla": masked attention by positions and segments (packing, padding, KV cache) — always exact.
 # "flash": jft's Pallas flash attention, exact by positions and segments, with softcap (not for
 # decoding from a cache). "cudnn": causal flash attention, no mask (unpacked right-padded batches
@@ -117,8 +117,7 @@ def _remat(fn, policy: str):
         "full": None,
         "offload": cp.save_and_offload_only_these_names(names_which_can_be_saved=[], names_which_can_be_offloaded=[_LAYER_INPUT],
                                                         offload_src="device", offload_dst="pinned_host"),
-        "save_dots": cp.dots_with_no_batch_dims_saveable,
-        "offload_dots": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        "save_dots": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(QUANTIZED_DOT)),
     }
     if policy not in policies:
         raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
