@@ -226,32 +226,54 @@ def _vocab_chunk(weight, j, cfg):
     return jax.lax.dynamic_slice_in_dim(weight, start, chunk, axis=0), start, j * chunk
 
 
-def _forward(hidden, weight, labels, cfg):
+def _expected_row_tile(logits, w, m, start, fresh_from, cfg):
+    """sum over this tile's fresh columns v of exp(z_v - m) * t_v * w_v, t_v = dz_v/dlogit_v (1
+    without softcap): a tile's share of E[t_v * weight_v] under softmax(z), unnormalised."""
+    z = _transform(logits, cfg)
+    fresh = start + jnp.arange(z.shape[1])[None, :] >= fresh_from
+    e = jnp.where(fresh, jnp.exp(z - m[:, None]), 0.0)
+    if cfg.softcap is not None:
+        e = e * (1.0 - jnp.square(z / cfg.softcap))
+    return jnp.dot(e.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _forward(hidden, weight, labels, cfg, expected_rows: bool = False):
+    """(loss, lse) per token; with expected_rows also (z_label, E[t_v * weight_v] under softmax(z))
+    per token, accumulated online over vocabulary chunks as flash attention accumulates values: all
+    that d(hidden) needs when the weight is frozen, so the backward never recomputes the logits."""
     stats = _TILES[cfg.tiles][0]
     n, v = hidden.shape[0], weight.shape[0]
     n_vocab_chunks = cdiv(v, min(cfg.vocab_chunk_size, v))
     h_chunks, label_chunks = _token_chunks(cfg, hidden, (labels, cfg.ignore_index))
+    compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
 
     def token_chunk(xs):
         h, y = xs
 
         def vocab_step(j, carry):
-            m, s, z_label = carry
+            m, s, z_label, acc = carry
             w, start, fresh_from = _vocab_chunk(weight, j, cfg)
-            m_t, s_t, zl_t = stats(_dot_t(h, w), y, start, fresh_from, cfg)
+            logits = _dot_t(h, w)
+            m_t, s_t, zl_t = stats(logits, y, start, fresh_from, cfg)
             m_new = jnp.maximum(m, m_t)
+            if expected_rows:
+                acc = acc * jnp.exp(m - m_new)[:, None] + _expected_row_tile(
+                    logits, w.astype(compute_dtype), m_new, start, fresh_from, cfg)
             s = s * jnp.exp(m - m_new) + s_t * jnp.exp(m_t - m_new)
-            return m_new, s, z_label + zl_t
+            return m_new, s, z_label + zl_t, acc
 
         rows = h.shape[0]
-        init = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,)), jnp.zeros((rows,)))
-        m, s, z_label = jax.lax.fori_loop(0, n_vocab_chunks, vocab_step, init)
-        return m + jnp.log(s), z_label
+        acc = jnp.zeros((rows, h.shape[1])) if expected_rows else None
+        init = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,)), jnp.zeros((rows,)), acc)
+        m, s, z_label, acc = jax.lax.fori_loop(0, n_vocab_chunks, vocab_step, init)
+        return m + jnp.log(s), z_label, None if acc is None else acc / s[:, None]
 
-    lse, z_label = jax.lax.map(token_chunk, (h_chunks, label_chunks))
+    lse, z_label, expected = jax.lax.map(token_chunk, (h_chunks, label_chunks))
     lse, z_label = lse.reshape(-1)[:n], z_label.reshape(-1)[:n]
     loss = jnp.where(labels == cfg.ignore_index, 0.0, lse - z_label)
-    return loss, lse
+    if not expected_rows:
+        return loss, lse
+    return loss, lse, z_label, expected.reshape(-1, hidden.shape[1])[:n]
 
 
 def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
@@ -288,44 +310,6 @@ def _backward(hidden, weight, labels, lse, g_loss, g_lse, cfg):
     return dh[:n].astype(hidden.dtype), dw
 
 
-def _forward_with_expected_row(hidden, weight, labels, cfg):
-    """`_forward` for a frozen weight, plus what d(hidden) needs, so the backward never recomputes
-    the logits: per token, E[t_v * weight_v] under softmax(z), t_v = dz_v/dlogit_v (1 without
-    softcap), accumulated online over vocabulary chunks as flash attention accumulates values."""
-    n, v = hidden.shape[0], weight.shape[0]
-    n_vocab_chunks = cdiv(v, min(cfg.vocab_chunk_size, v))
-    h_chunks, label_chunks = _token_chunks(cfg, hidden, (labels, cfg.ignore_index))
-    compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
-
-    def token_chunk(xs):
-        h, y = xs
-
-        def vocab_step(j, carry):
-            m, s, z_label, acc = carry
-            w, start, fresh_from = _vocab_chunk(weight, j, cfg)
-            z = _transform(_dot_t(h, w), cfg)
-            cols = start + jnp.arange(z.shape[1])[None, :]
-            fresh = cols >= fresh_from
-            m_new = jnp.maximum(m, jnp.max(jnp.where(fresh, z, -jnp.inf), axis=1))
-            e = jnp.where(fresh, jnp.exp(z - m_new[:, None]), 0.0)
-            rescale = jnp.exp(m - m_new)
-            weighted = e if cfg.softcap is None else e * (1.0 - jnp.square(z / cfg.softcap))
-            acc = acc * rescale[:, None] + jnp.dot(weighted.astype(compute_dtype), w.astype(compute_dtype),
-                                                   preferred_element_type=jnp.float32)
-            z_label = z_label + jnp.sum(jnp.where(fresh & (cols == y[:, None]), z, 0.0), axis=1)
-            return m_new, s * rescale + jnp.sum(e, axis=1), z_label, acc
-
-        rows = h.shape[0]
-        init = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,)), jnp.zeros((rows,)), jnp.zeros((rows, h.shape[1])))
-        m, s, z_label, acc = jax.lax.fori_loop(0, n_vocab_chunks, vocab_step, init)
-        return m + jnp.log(s), z_label, acc / s[:, None]
-
-    lse, z_label, expected = jax.lax.map(token_chunk, (h_chunks, label_chunks))
-    lse, z_label, expected = lse.reshape(-1)[:n], z_label.reshape(-1)[:n], expected.reshape(-1, hidden.shape[1])[:n]
-    loss = jnp.where(labels == cfg.ignore_index, 0.0, lse - z_label)
-    return loss, lse, z_label, expected
-
-
 def _hidden_grad(weight, labels, z_label, expected, g_loss, g_lse, cfg):
     """d(hidden) from the forward's expected rows: d/dh of loss = lse - z_label and of lse."""
     g_loss = jnp.where(labels == cfg.ignore_index, 0.0, g_loss)
@@ -347,7 +331,7 @@ def _lce_fwd(hidden, weight, labels, cfg):
     if weight.perturbed:
         loss, lse = _forward(hidden.value, weight.value, labels.value, cfg)
         return (loss, lse), (hidden.value, weight.value, labels.value, lse, None, None)
-    loss, lse, z_label, expected = _forward_with_expected_row(hidden.value, weight.value, labels.value, cfg)
+    loss, lse, z_label, expected = _forward(hidden.value, weight.value, labels.value, cfg, expected_rows=True)
     return (loss, lse), (jnp.zeros((0,), hidden.value.dtype), weight.value, labels.value, lse, z_label, expected)
 
 

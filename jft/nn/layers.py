@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jft.config import Config, Rope
 from jft.kernels import nf4 as nf4_kernels
-from jft.quant import NF4
+from jft.quant import NF4, is_quantized
 
 
 def rms_norm(x, w, eps: float, offset: float = 0.0):
@@ -66,7 +66,7 @@ quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 def linear(x, w, lora=None, bias=None, *, lora_scale: float = 1.0, lora_dropout_key=None, lora_dropout: float = 0.0):
     """y = x @ w.T (+ bias) (+ scale * dropout(x) @ A.T @ B.T); w is [out, in], dense or quantized."""
-    if hasattr(w, "dequantize"):
+    if is_quantized(w):
         y = checkpoint_name(quantized_matmul(x, w), QUANTIZED_DOT)
     else:
         y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from jft import kernels, sharding
 from jft.config import Config
 from jft.nn.generate import bucket
+from jft.nn.layers import dense
 from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
 from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
@@ -112,8 +113,7 @@ def completion_logprobs(config: Config, params, lora, batch, *, temperature: flo
     h = hidden[:, p - 1 : p + c - 1]  # the hidden state before each completion token predicts it
     b, _, d = h.shape
     labels = jnp.where(mask > 0, batch["input_ids"][:, p:], IGNORE)
-    weight = output_weight(config, params, lora)
-    weight = weight.dequantize(h.dtype) if hasattr(weight, "dequantize") else weight.astype(h.dtype)
+    weight = dense(output_weight(config, params, lora), h.dtype)
     t = 1.0 if temperature == 0 else float(temperature)
     # softcap(x) / T == softcap_{cap/T}(x / T): temperature folds into the kernel's scale and cap
     cap = None if config.final_logit_softcap is None else config.final_logit_softcap / t

@@ -13,6 +13,7 @@ import optax
 
 from jft import kernels
 from jft.config import Config
+from jft.nn.layers import dense
 from jft.nn.transformer import REMAT_POLICIES, forward_hidden, output_weight  # noqa: F401
 from jft.sharding import keep_replicated
 
@@ -32,8 +33,7 @@ def token_losses(config: Config, params, lora, batch, *, dropout_key=None, remat
                                dropout_key=dropout_key, remat=remat, attn_impl=attn_impl)
     targets = next_token_labels(batch["labels"], batch["segment_ids"])
     b, t, d = hidden.shape
-    weight = output_weight(config, params, lora)
-    weight = weight.dequantize(hidden.dtype) if hasattr(weight, "dequantize") else weight.astype(hidden.dtype)
+    weight = dense(output_weight(config, params, lora), hidden.dtype)
     loss, _ = kernels.linear_cross_entropy(hidden.reshape(b * t, d), weight, targets.reshape(-1),
                                            ignore_index=IGNORE, softcap=config.final_logit_softcap)
     return loss.reshape(b, t), targets != IGNORE

@@ -17,6 +17,7 @@ import optax
 
 from jft import kernels
 from jft import lora as lora_lib
+from jft.nn.layers import dense
 from jft.nn.transformer import output_weight
 from jft.nn.vision import mlp_targets
 from jft.train.step import IGNORE, next_token_labels
@@ -67,8 +68,7 @@ def token_losses(config, params, lora, batch, *, remat: str = "full", attn_impl:
     hidden, _ = hidden_states(config, params, batch, lora=lora, remat=remat, attn_impl=attn_impl)
     targets = next_token_labels(batch["labels"], batch["segment_ids"])
     b, t, d = hidden.shape
-    weight = output_weight(config.text, params, lora)
-    weight = weight.dequantize(hidden.dtype) if hasattr(weight, "dequantize") else weight.astype(hidden.dtype)
+    weight = dense(output_weight(config.text, params, lora), hidden.dtype)
     loss, _ = kernels.linear_cross_entropy(hidden.reshape(b * t, d), weight, targets.reshape(-1), ignore_index=IGNORE)
     return loss.reshape(b, t), targets != IGNORE
 
