@@ -28,13 +28,16 @@ SMALL = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256, 
              num_attention_heads=4, num_key_value_heads=2)
 
 
-def random_params(config, quant: str, key, mesh=None):
+def random_params(config, quant: str, key, mesh=None, host_embedding: bool = False):
     """bf16 (or quantized) params with random weights. Each top-level entry is made by its own
     program, the layers one at a time, so making them needs less memory than the training step
-    (whose peak is what the table reports); with a mesh, each device makes only its own shard."""
+    (whose peak is what the table reports); with a mesh, each device makes only its own shard.
+    host_embedding: the embedding is a numpy array made on the host (never on the device)."""
     import functools
 
     import jax
+    import ml_dtypes
+    import numpy as np
 
     shapes = jax.eval_shape(functools.partial(_random_params, config, quant), key)
     shardings = dict.fromkeys(shapes)
@@ -43,8 +46,12 @@ def random_params(config, quant: str, key, mesh=None):
 
         shardings = param_shardings(shapes, mesh)
     layer_shardings = shardings["layers"]
-    return {name: jax.jit(functools.partial(_random_entry, config, quant, name, layer_shardings=layer_shardings),
-                          out_shardings=shardings[name])(key) for name in shapes}
+    params = {name: jax.jit(functools.partial(_random_entry, config, quant, name, layer_shardings=layer_shardings),
+                            out_shardings=shardings[name])(key) for name in shapes if name != "embed" or not host_embedding}
+    if host_embedding:
+        rows = np.random.default_rng(0).standard_normal(shapes["embed"].shape, np.float32) * np.float32(0.02)
+        params["embed"] = rows.astype(ml_dtypes.bfloat16)
+    return params
 
 
 def _random_params(config, quant: str, key):
@@ -130,7 +137,7 @@ def setup(args):
     if args.mesh:
         data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
         mesh = jft.mesh(data=data, fsdp=fsdp, tensor=tensor)
-    params = random_params(config, args.quant[0], jax.random.key(0), mesh)
+    params = random_params(config, args.quant[0], jax.random.key(0), mesh, host_embedding=args.embedding == "host")
     lora = jft.lora.init(jft.Model(config, params), r=args.r, alpha=args.r, targets="all-linear", key=jax.random.key(1))
     if mesh is not None:
         lora = jft.sharding.replicate(lora, mesh)
@@ -183,22 +190,35 @@ def run_one(args) -> dict:
     one_device = one_device_gib(args) if args.mesh else None
     config, step, params, lora, opt_state, batch = setup(args)
     b, t = args.batch, args.seq
+    inputs = lambda: batch
+    if args.embedding == "host":
+        if args.mesh:
+            raise SystemExit("--embedding host runs on one device")
+        import jax.numpy as jnp
+
+        from jft.nn.layers import embed_tokens_on_host
+
+        table = params.pop("embed")  # made on the host, as SFT(offload_embedding=True) keeps it
+        ids = np.asarray(batch["input_ids"])
+        # each step, as SFT does: the rows looked up on the host while the previous step runs, then sent
+        inputs = lambda: dict(batch, inputs_embeds=jnp.asarray(embed_tokens_on_host(config, table, ids)))
     t0 = time.perf_counter()
-    step = step.lower(params, lora, opt_state, batch).compile()
+    step = step.lower(params, lora, opt_state, inputs()).compile()
     compile_s = time.perf_counter() - t0
     step_gib = device_bytes(step) / 2**30
-    for _ in range(args.warmup):
-        lora, opt_state, metrics = step(params, lora, opt_state, batch)
-        float(metrics["loss"])
+    upcoming = inputs()
     times = []
-    for _ in range(args.steps):
+    for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        lora, opt_state, metrics = step(params, lora, opt_state, batch)
+        lora, opt_state, metrics = step(params, lora, opt_state, upcoming)
+        upcoming = inputs()
         float(metrics["loss"])
-        times.append(time.perf_counter() - t0)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
     return {"quant": args.quant[0], "attn": args.attn, "remat": args.remat, "kernels": args.kernels or "auto",
+            "embedding": args.embedding,
             "batch": b, "seq": t, "r": args.r, "mesh": args.mesh or "1 device", "tokens_per_s": b * t / step_s, "step_s": step_s,
             "compile_s": compile_s, "peak_gib": peak / 2**30, "params_gib": jft.quant.param_bytes(params) / 2**30,
             "model_tflops_per_s": model_flops_per_token(config, t, args.r) * b * t / step_s / 1e12 / len(jax.devices()),
@@ -247,6 +267,8 @@ def parse(argv=None):
     p.add_argument("--attn", default=None, help="comma list of xla, cudnn (default: cudnn on GPU, xla on CPU)")
     p.add_argument("--remat", default="full", help="comma list of none, full, save_dots, offload")
     p.add_argument("--kernels", default=None, help="comma list of reference, pallas, auto")
+    p.add_argument("--embedding", default="device",
+                   help="comma list of device, host (host: SFT's offload_embedding, rows looked up on the host each step)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
@@ -291,29 +313,31 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind}; measured bf16 matmul: {ceiling:.0f} TFLOP/s; jax {jax.__version__}")
     if args.mesh:
         print(f"mesh data,fsdp,tensor = {args.mesh} over {len(jax.devices())} devices; peak = the largest per device")
-    header = f"{'quant':>5} {'attn':>6} {'remat':>9} {'kernels':>9} {'batch x seq':>12} {'tok/s':>9} {'step s':>7} {'peak GiB':>9} {'MFU':>6}"
+    header = (f"{'quant':>5} {'attn':>6} {'remat':>9} {'kernels':>9} {'embed':>6} {'batch x seq':>12} {'tok/s':>9} "
+              f"{'step s':>7} {'peak GiB':>9} {'MFU':>6}")
     print(header)
-    for quant in args.quant:
-        for attn in attns:
-            for remat in args.remat.split(","):
-                for kernels in (args.kernels or "auto").split(","):
-                    cmd = [sys.executable, __file__, "--one", "--quant", quant, "--attn", attn, "--remat", remat,
-                           "--kernels", kernels, "--r", str(args.r), "--batch", str(args.batch), "--seq", str(args.seq),
-                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model]
-                    cmd += ["--small"] if args.small else []
-                    cmd += ["--mesh", args.mesh] if args.mesh else []
-                    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
-                    if done.returncode != 0:
-                        tail = done.stderr.strip().splitlines()[-3:]
-                        print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} failed: {' | '.join(tail)[:300]}")
-                        continue
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
-                    row["mfu"] = row["model_tflops_per_s"] / ceiling
-                    rows.append(row)
-                    print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} {row['batch']:>5} x {row['seq']:<5} "
-                          f"{row['tokens_per_s']:>9.0f} {row['step_s']:>7.3f} {row['peak_gib']:>9.2f} {row['mfu']:>6.1%}"
-                          + (f"  (compiled step: {row['compiled_gib']:.1f} GiB per device; one device would need"
-                             f" {row['one_device_gib']:.1f})" if args.mesh else ""), flush=True)
+    runs = [(quant, attn, remat, kernels, embedding) for quant in args.quant for attn in attns
+            for remat in args.remat.split(",") for kernels in (args.kernels or "auto").split(",")
+            for embedding in args.embedding.split(",")]
+    for quant, attn, remat, kernels, embedding in runs:
+        cmd = [sys.executable, __file__, "--one", "--quant", quant, "--attn", attn, "--remat", remat,
+               "--kernels", kernels, "--r", str(args.r), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model,
+               "--embedding", embedding]
+        cmd += ["--small"] if args.small else []
+        cmd += ["--mesh", args.mesh] if args.mesh else []
+        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-3:]
+            print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} {embedding:>6} failed: {' | '.join(tail)[:300]}")
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["mfu"] = row["model_tflops_per_s"] / ceiling
+        rows.append(row)
+        print(f"{quant:>5} {attn:>6} {remat:>9} {kernels:>9} {embedding:>6} {row['batch']:>5} x {row['seq']:<5} "
+              f"{row['tokens_per_s']:>9.0f} {row['step_s']:>7.3f} {row['peak_gib']:>9.2f} {row['mfu']:>6.1%}"
+              + (f"  (compiled step: {row['compiled_gib']:.1f} GiB per device; one device would need"
+                 f" {row['one_device_gib']:.1f})" if args.mesh else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"matmul_tflops": ceiling, "rows": rows}, f, indent=2)

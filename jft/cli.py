@@ -27,7 +27,7 @@ _TRAIN_DEFAULTS = dict(quantize=None, dtype="bfloat16", r=16, alpha=16.0, dropou
                        batch_size=2, grad_accum=1, max_seq_length=2048, packing=False, template=None,
                        responses_only=True, format=None, warmup_steps=0, schedule="linear", weight_decay=0.0,
                        remat="full", eval_dataset=None, eval_every=0, checkpoint_every=0, resume=False, seed=0,
-                       split="train", mesh=None)
+                       split="train", mesh=None, offload_embedding=False)
 
 
 def _mesh(spec):
@@ -83,7 +83,8 @@ def _train(args) -> int:
         lr_schedule=o["schedule"], warmup_steps=o["warmup_steps"], max_seq_length=o["max_seq_length"],
         batch_size=o["batch_size"], grad_accum=o["grad_accum"], packing=o["packing"], template=o["template"],
         responses_only=o["responses_only"], format=o["format"], remat=o["remat"], out_dir=o["out"],
-        checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"], seed=o["seed"], mesh=mesh)
+        checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"], seed=o["seed"], mesh=mesh,
+        offload_embedding=o["offload_embedding"])
     state = trainer.fit(dataset, steps=o["steps"], epochs=o["epochs"] if o["steps"] is None else None,
                         eval_dataset=eval_dataset, resume=o["resume"])
     adapter = f"{o['out']}/adapter"
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["linear", "cosine", "constant"])
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--remat", choices=["none", "full", "offload", "save_dots"])
+    t.add_argument("--offload-embedding", action="store_const", const=True,
+                   help="keep the frozen token embedding in host memory (untied models; 1 GiB less on an 8B)")
     t.add_argument("--eval-every", type=int)
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--resume", action="store_const", const=True)

@@ -53,7 +53,14 @@ def test_train_sharded_over_eight_devices(base, tmp_path):
     r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", "2", "--batch-size", "8", "--packing",
              "--max-seq-length", "256", "--mesh", "2,-1,1", "--out", str(out), devices=8)
     assert r.returncode == 0, r.stderr
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [1, 2]
+    # the embedding in host memory: its rows go to the devices with each batch, sharded like it
+    r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", "2", "--batch-size", "8", "--packing",
+             "--max-seq-length", "256", "--mesh", "2,-1,1", "--offload-embedding", "--out", str(tmp_path / "host"), devices=8)
+    assert r.returncode == 0, r.stderr
+    host = [json.loads(line) for line in (tmp_path / "host" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in host] == pytest.approx([rec["loss"] for rec in records], rel=1e-5)
     for mesh, error in (("3,-1,1", "8 devices cannot be split"), ("1,-1,1", "batch_size=2 rows cannot be split")):
         r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--mesh", mesh, "--out", str(out), devices=8)
         assert r.returncode == 2 and error in r.stderr and "Traceback" not in r.stderr, r.stderr

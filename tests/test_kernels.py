@@ -401,7 +401,7 @@ def test_linear_cross_entropy_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- attention
 
-from jft.kernels.attention import attention_pallas, attention_reference  # noqa: E402
+from jft.kernels.attention import allowed_mask, attention_pallas, attention_reference  # noqa: E402
 
 
 def _naive_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, scale, window=None, softcap=None):
@@ -481,6 +481,52 @@ def test_attention_pallas_matches_reference(dtype, dims, kw):
     pallas = lambda q, k, v: attention_pallas(q, k, v, qp, kp, qs, ks, **kw, **blocks)
     reference = lambda q, k, v: attention_reference(q, k, v, qp, kp, qs, ks, **kw)
     _compare_pallas(pallas, reference, (q, k, v), (0, 1, 2), dtype)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_attention_pallas_unmasked_blocks_match_reference(window):
+    """One document of 64 tokens over 16-blocks: most visited blocks need no mask (the kernels'
+    unmasked loop); with a window, masked blocks come before and after that run."""
+    q, k, v, _, _, _, _ = _attention_inputs(2, 64, 64, 4, 2, 16)
+    pos = jnp.tile(jnp.arange(64), (2, 1))
+    blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+    pallas = lambda q, k, v: attention_pallas(q, k, v, pos, pos, window=window, **blocks)
+    reference = lambda q, k, v: attention_reference(q, k, v, pos, pos, window=window)
+    _compare_pallas(pallas, reference, (q, k, v), (0, 1, 2), F32)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_attention_block_ranges_skip_only_hidden_blocks_and_unmask_only_visible_ones(window):
+    from jft.kernels.attention import _block_ranges
+
+    rng = np.random.default_rng(0)
+    b, t, bq, bk = 3, 96, 16, 8
+    seg = np.sort(rng.integers(0, 3, (b, t)), axis=1)  # packed documents, then a row of one document
+    seg[2] = 0
+    pos = np.stack([np.concatenate([np.arange((r == d).sum()) for d in np.unique(r)]) for r in seg])
+    qp, kp, qs, ks = (jnp.asarray(a, jnp.int32) for a in (pos, pos, seg, seg))
+    visible = np.asarray(allowed_mask(qp, kp, qs, ks, window))
+    key_ranges, q_ranges = (np.asarray(r) for r in _block_ranges(qp, kp, qs, ks, bq, bk, window))
+    blocks = visible.reshape(b, t // bq, bq, t // bk, bk)
+    some, every = blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+    for ranges, some_, every_ in ((key_ranges, some, every), (q_ranges, some.swapaxes(1, 2), every.swapaxes(1, 2))):
+        lo, full_lo, full_hi, hi = np.moveaxis(ranges, -1, 0)
+        assert np.all((lo <= full_lo) & (full_lo <= full_hi) & (full_hi <= hi))
+        index = np.arange(some_.shape[-1])
+        inside = (index >= lo[..., None]) & (index < hi[..., None])
+        unmasked = (index >= full_lo[..., None]) & (index < full_hi[..., None])
+        assert not np.any(some_ & ~inside), "a block with a visible key is skipped"
+        assert not np.any(unmasked & ~every_), "a block with a hidden key runs without the mask"
+    # the one-document row: q block i sees key blocks [0, 2i + 2), of which 2i need no mask (no
+    # window); a window masks the oldest blocks too, so the unmasked run starts later
+    lo, full_lo, full_hi, hi = np.moveaxis(key_ranges[2], -1, 0)
+    i = np.arange(t // bq)
+    np.testing.assert_array_equal(hi, 2 * i + 2)
+    if window is None:
+        np.testing.assert_array_equal(lo, 0)
+        np.testing.assert_array_equal(full_hi - full_lo, 2 * i)
+    else:
+        assert np.all(full_hi[3:] > full_lo[3:]) and np.all(lo[3:] < full_lo[3:])
 
 
 def test_attention_rejects_bad_shapes():

@@ -1,5 +1,6 @@
 """Supervised fine-tuning: packing, gradient accumulation, resume, divergence, and a real GSM8K run."""
 
+import dataclasses
 import json
 import os
 
@@ -114,6 +115,38 @@ def test_resume_gives_identical_lora(tiny, tmp_path):
     for a, b in zip(jax.tree.leaves(full.lora), jax.tree.leaves(state.lora)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [h["step"] for h in state.history] == list(range(1, 11))
+
+
+def test_offloaded_embedding_trains_like_the_device_one(tiny):
+    rows = _gsm8k_rows("train", 24)
+    kw = dict(learning_rate=1e-3, max_seq_length=384, batch_size=4, grad_accum=2, packing=True, progress=False, seed=2,
+              eval_every=2)
+    lora = jft.lora.init(tiny, r=4, key=jax.random.key(0))
+    on_device = jft.train.SFT(tiny, lora, **kw).fit(rows, steps=4, eval_dataset=rows[:6])
+    model = dataclasses.replace(tiny, params=dict(tiny.params))  # offloading moves this model's table
+    trainer = jft.train.SFT(model, lora, offload_embedding=True, **kw)
+    assert isinstance(model.params["embed"], np.ndarray)
+    np.testing.assert_array_equal(model.params["embed"], np.asarray(tiny.params["embed"]))
+    on_host = trainer.fit(rows, steps=4, eval_dataset=rows[:6])
+    for key in ("loss", "eval_loss", "grad_norm"):
+        expected, got = [h[key] for h in on_device.history if key in h], [h[key] for h in on_host.history if key in h]
+        assert len(expected) >= 2 and np.allclose(got, expected, rtol=1e-6, atol=0), key
+    for a, b in zip(jax.tree.leaves(on_device.lora), jax.tree.leaves(on_host.lora)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    # the offloaded params still serve the usual forward (jit copies the table in)
+    ids = np.asarray([[5, 9, 12]])
+    np.testing.assert_allclose(jft.forward(model, ids), jft.forward(tiny, ids), rtol=1e-6)
+
+
+def test_offload_embedding_refuses_what_it_cannot_keep_off_the_device(tiny):
+    tied = dataclasses.replace(tiny, config=dataclasses.replace(tiny.config, tie_embeddings=True), params=dict(tiny.params))
+    with pytest.raises(ValueError, match="untied"):
+        jft.train.SFT(tied, jft.lora.init(tied, r=2), offload_embedding=True)
+    model = dataclasses.replace(tiny, params=dict(tiny.params))
+    trained = jft.lora.init(model, r=2, train_embeddings=True)
+    with pytest.raises(ValueError, match="frozen"):
+        jft.train.SFT(model, trained, offload_embedding=True)
+    assert not isinstance(model.params["embed"], np.ndarray)
 
 
 def test_nan_loss_stops_with_clear_error(tiny, tmp_path):

@@ -73,8 +73,9 @@ def attention_reference(
 # Backward: one kernel for dq (same grid), one for dk/dv per (batch, kv head, key block) looping
 # over the q heads of its group and the q blocks. Loops run over precomputed block ranges, so the
 # blocks no key of which is visible (above the causal diagonal, outside the window or the segment)
-# are not visited, and the loop bodies have no branches (Triton pipelines their loads). Sequences are padded to whole blocks and head_dim to a power of two;
-# padded keys and queries get segment ids that match nothing.
+# are not visited, and the run of blocks wholly visible skips the mask (1.5x on the causal forward).
+# Loop bodies have no branches (Triton pipelines their loads). Sequences are padded to whole blocks
+# and head_dim to a power of two; padded keys and queries get segment ids that match nothing.
 
 _PAD_Q_SEGMENT = -(2**31)
 _PAD_K_SEGMENT = -(2**31) + 1
@@ -116,105 +117,142 @@ def _scores(q, k, cfg):
     return cfg.softcap * t, t
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, lo_ref, hi_ref, o_ref, lse_ref, *, cfg):
+def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, range_ref, o_ref, lse_ref, *, cfg):
     bq, bk = q_ref.shape[0], cfg.block_k
     q, q_pos, q_seg = q_ref[...], qp_ref[...], qs_ref[...]
 
-    def key_block(j, carry):
-        acc, m, l = carry
-        keys = pl.ds(j * bk, bk)
-        mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
-        s, _ = _scores(q, k_ref[keys, :], cfg)
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        v = v_ref[keys, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+    def key_block(masked):
+        def body(j, carry):
+            acc, m, l = carry
+            keys = pl.ds(j * bk, bk)
+            s, _ = _scores(q, k_ref[keys, :], cfg)
+            if masked:
+                mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
+                s = jnp.where(mask, s, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp(s - m_new[:, None])
+            if masked:
+                p = jnp.where(mask, p, 0.0)
+            alpha = jnp.exp(m - m_new)
+            v = v_ref[keys, :]
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return body
 
     init = (
         jnp.zeros(q.shape, jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(lo_ref[0], hi_ref[0], key_block, init)
+    acc, m, l = _over_ranges(range_ref, key_block, init)
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, dq_ref,
-               *, cfg):
+def _over_ranges(range_ref, body, carry):
+    """Runs body(masked)(j, carry) over the block range [lo, hi), without the mask on the run
+    [full_lo, full_hi) of blocks whose keys are all visible (range_ref holds lo, full_lo, full_hi, hi)."""
+    lo, full_lo, full_hi, hi = (range_ref[i] for i in range(4))
+    carry = jax.lax.fori_loop(lo, full_lo, body(True), carry)
+    carry = jax.lax.fori_loop(full_lo, full_hi, body(False), carry)
+    return jax.lax.fori_loop(full_hi, hi, body(True), carry)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, range_ref, dq_ref, *, cfg):
     bk = cfg.block_k_bwd
     q, do, q_pos, q_seg = q_ref[...], do_ref[...], qp_ref[...], qs_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
 
-    def key_block(j, dq):
-        keys = pl.ds(j * bk, bk)
-        mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        s, t = _scores(q, k, cfg)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        return dq + _dot(ds.astype(k.dtype), k)
+    def key_block(masked):
+        def body(j, dq):
+            keys = pl.ds(j * bk, bk)
+            k, v = k_ref[keys, :], v_ref[keys, :]
+            s, t = _scores(q, k, cfg)
+            p = jnp.exp(s - lse[:, None])
+            if masked:
+                p = jnp.where(_visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], cfg.window), p, 0.0)
+            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            return dq + _dot(ds.astype(k.dtype), k)
+        return body
 
-    dq = jax.lax.fori_loop(lo_ref[0], hi_ref[0], key_block, jnp.zeros(q.shape, jnp.float32))
+    dq = _over_ranges(range_ref, key_block, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, range_ref,
                 dk_ref, dv_ref, *, cfg):
     bq = cfg.block_q_bwd
     group = q_ref.shape[1]
     k, v, k_pos, k_seg = k_ref[...], v_ref[...], kp_ref[...], ks_ref[...]
-    lo, blocks = lo_ref[0], hi_ref[0] - lo_ref[0]
 
-    def q_block(n, carry):
+    def q_block(masked, g, i, carry):
         dk, dv = carry
-        g = jax.lax.div(n, blocks)  # jnp's // and % do not lower to Triton
-        rows = pl.ds((lo + n - g * blocks) * bq, bq)
-        mask = _visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, cfg.window)
+        rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, g, :], do_ref[rows, g, :]
         lse, delta = lse_ref[g, rows], delta_ref[g, rows]
         s, t = _scores(q, k, cfg)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.exp(s - lse[:, None])
+        if masked:
+            p = jnp.where(_visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, cfg.window), p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
         ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
         return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
 
+    def every_head(lo, hi, masked, carry):
+        # one flat loop over (q head of the group, q block): a single pipelined loop per range
+        blocks = hi - lo
+
+        def body(n, carry):
+            g = jax.lax.div(n, blocks)  # jnp's // and % do not lower to Triton
+            return q_block(masked, g, lo + n - g * blocks, carry)
+
+        return jax.lax.fori_loop(0, group * blocks, body, carry)
+
+    lo, full_lo, full_hi, hi = (range_ref[i] for i in range(4))
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, group * blocks, q_block, (zeros, zeros))
+    carry = every_head(lo, full_lo, True, (zeros, zeros))
+    carry = every_head(full_lo, full_hi, False, carry)
+    dk, dv = every_head(full_hi, hi, True, carry)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _block_ranges(qp, kp, qs, ks, bq, bk, window):
-    """For each (row, q block) the range [lo, hi) of key blocks that may hold a visible key, and for
-    each (row, key block) the same range of q blocks; int32 [B, nQ, 1], [B, nK, 1]. Kernels loop over
-    these ranges only (blocks inside a range but wholly masked cost time, never correctness)."""
+    """For each (row, q block), int32 [lo, full_lo, full_hi, hi]: the key blocks [lo, hi) that may
+    hold a visible key, and within it a run [full_lo, full_hi) of blocks all of whose keys every
+    query of the block sees (no mask needed); and the same for each (row, key block) over q blocks.
+    Shapes [B, nQ, 4] and [B, nK, 4]. Kernels loop over these ranges only (a masked block inside a
+    range costs time, never correctness)."""
     b, t = qp.shape
     stats = lambda a, n: (a.reshape(b, -1, n).min(-1), a.reshape(b, -1, n).max(-1))
     (qp_min, qp_max), (qs_min, qs_max) = stats(qp, bq), stats(qs, bq)
     (kp_min, kp_max), (ks_min, ks_max) = stats(kp, bk), stats(ks, bk)
     maybe = (kp_min[:, None, :] <= qp_max[:, :, None]) & (ks_min[:, None, :] <= qs_max[:, :, None])
     maybe &= qs_min[:, :, None] <= ks_max[:, None, :]
+    one_segment = (qs_min == qs_max)[:, :, None] & (ks_min == ks_max)[:, None, :] & (qs_min[:, :, None] == ks_min[:, None, :])
+    full = one_segment & (kp_max[:, None, :] <= qp_min[:, :, None])
     if window is not None:
         maybe &= qp_min[:, :, None] - kp_max[:, None, :] < window
+        full &= qp_max[:, :, None] - kp_min[:, None, :] < window
 
-    def span(m):
-        n = m.shape[-1]
-        found = jnp.any(m, axis=-1)
-        lo = jnp.where(found, jnp.argmax(m, axis=-1), 0)
-        hi = jnp.where(found, n - jnp.argmax(m[..., ::-1], axis=-1), 0)
-        return lo.astype(jnp.int32)[..., None], hi.astype(jnp.int32)[..., None]
+    def ranges(maybe, full):
+        n = maybe.shape[-1]
+        index = jnp.arange(n)
+        first = lambda m: jnp.where(jnp.any(m, axis=-1), jnp.argmax(m, axis=-1), n)
+        lo = jnp.where(jnp.any(maybe, axis=-1), first(maybe), 0)
+        hi = jnp.where(jnp.any(maybe, axis=-1), n - jnp.argmax(maybe[..., ::-1], axis=-1), 0)
+        full_lo = first(full)
+        full_hi = first(~full & (index >= full_lo[..., None]))
+        full_lo, full_hi = jnp.minimum(full_lo, hi), jnp.minimum(full_hi, hi)  # no full block: an empty run at hi
+        return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
 
-    return span(maybe), span(jnp.swapaxes(maybe, 1, 2))
+    return ranges(maybe, full), ranges(jnp.swapaxes(maybe, 1, 2), jnp.swapaxes(full, 1, 2))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
@@ -234,18 +272,18 @@ def _flash_forward(q, k, v, qp, kp, qs, ks, cfg):
     b, t, hq, hd = q.shape
     s, hkv = k.shape[1], k.shape[2]
     group, bq = hq // hkv, cfg.block_q
-    (lo, hi), _ = _block_ranges(qp, kp, qs, ks, bq, cfg.block_k, cfg.window)
+    key_ranges, _ = _block_ranges(qp, kp, qs, ks, bq, cfg.block_k, cfg.window)
     q_spec = pl.BlockSpec((None, bq, None, hd), lambda b_, h, i: (b_, i, h, 0))
     kv_spec = pl.BlockSpec((None, s, None, hd), lambda b_, h, i: (b_, 0, h // group, 0))
     q_ids = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
     k_ids = pl.BlockSpec((None, s), lambda b_, h, i: (b_, 0))
-    q_range = pl.BlockSpec((None, None, 1), lambda b_, h, i: (b_, i, 0))
+    q_range = pl.BlockSpec((None, None, 4), lambda b_, h, i: (b_, i, 0))
     lse_spec = pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
     return _call(
-        _forward_kernel, (b, hq, t // bq), [q_spec, kv_spec, kv_spec, q_ids, k_ids, q_ids, k_ids, q_range, q_range],
+        _forward_kernel, (b, hq, t // bq), [q_spec, kv_spec, kv_spec, q_ids, k_ids, q_ids, k_ids, q_range],
         [q_spec, lse_spec], out_shape, cfg, "flash_attention_fwd",
-    )(q, k, v, qp, kp, qs, ks, lo, hi)
+    )(q, k, v, qp, kp, qs, ks, key_ranges)
 
 
 def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
@@ -253,19 +291,19 @@ def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
     s, hkv = k.shape[1], k.shape[2]
     group, bq, bk = hq // hkv, cfg.block_q_bwd, cfg.block_k_bwd
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    (k_lo, k_hi), (q_lo, q_hi) = _block_ranges(qp, kp, qs, ks, bq, bk, cfg.window)
+    key_ranges, q_ranges = _block_ranges(qp, kp, qs, ks, bq, bk, cfg.window)
 
     q_spec = pl.BlockSpec((None, bq, None, hd), lambda b_, h, i: (b_, i, h, 0))
     kv_all = pl.BlockSpec((None, s, None, hd), lambda b_, h, i: (b_, 0, h // group, 0))
     q_ids = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
     k_all_ids = pl.BlockSpec((None, s), lambda b_, h, i: (b_, 0))
     row_stat = pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))
-    block_range = pl.BlockSpec((None, None, 1), lambda b_, h, i: (b_, i, 0))
+    block_range = pl.BlockSpec((None, None, 4), lambda b_, h, i: (b_, i, 0))
     dq = _call(
         _dq_kernel, (b, hq, t // bq),
-        [q_spec, kv_all, kv_all, q_ids, k_all_ids, q_ids, k_all_ids, q_spec, row_stat, row_stat, block_range, block_range],
+        [q_spec, kv_all, kv_all, q_ids, k_all_ids, q_ids, k_all_ids, q_spec, row_stat, row_stat, block_range],
         q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, "flash_attention_dq",
-    )(q, k, v, qp, kp, qs, ks, do, lse, delta, k_lo, k_hi)
+    )(q, k, v, qp, kp, qs, ks, do, lse, delta, key_ranges)
 
     q_group = pl.BlockSpec((None, t, group, hd), lambda b_, h, j: (b_, 0, h, 0))
     kv_spec = pl.BlockSpec((None, bk, None, hd), lambda b_, h, j: (b_, j, h, 0))
@@ -274,11 +312,10 @@ def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
     group_stat = pl.BlockSpec((None, group, t), lambda b_, h, j: (b_, h, 0))
     dk, dv = _call(
         _dkv_kernel, (b, hkv, s // bk),
-        [q_group, kv_spec, kv_spec, q_all_ids, k_ids, q_all_ids, k_ids, q_group, group_stat, group_stat, block_range,
-         block_range],
+        [q_group, kv_spec, kv_spec, q_all_ids, k_ids, q_all_ids, k_ids, q_group, group_stat, group_stat, block_range],
         [kv_spec, kv_spec], [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         cfg, "flash_attention_dkv",
-    )(q, k, v, qp, kp, qs, ks, do, lse, delta, q_lo, q_hi)
+    )(q, k, v, qp, kp, qs, ks, do, lse, delta, q_ranges)
     return dq, dk, dv
 
 
@@ -329,7 +366,7 @@ def attention_pallas(
         softcap=None if softcap is None else float(softcap),
         # the fastest of a sweep on the H200 (docs/benchmarks.md); wider tiles exceed shared memory at hd 256
         block_q=_block(block_q or 128, t),
-        block_k=_block(block_k or 64, s),
+        block_k=_block(block_k or (64 if wide else 128), s),
         block_q_bwd=_block(block_q_bwd or (64 if wide else 128), t),
         block_k_bwd=_block(block_k_bwd or 64, s),
         num_warps=4 if hd_padded <= 64 else 8,

@@ -138,3 +138,11 @@ def embed_tokens(config: Config, embed, input_ids, dtype):
     if config.embed_scale:
         h = h * jnp.asarray(math.sqrt(config.hidden_size), dtype)
     return h
+
+
+def embed_tokens_on_host(config: Config, table: np.ndarray, input_ids) -> np.ndarray:
+    """embed_tokens for a dense table in host memory (numpy), computed by the CPU: the same values."""
+    h = table[np.asarray(input_ids)]
+    if config.embed_scale:
+        h = h * np.asarray(math.sqrt(config.hidden_size), table.dtype)
+    return h

@@ -259,7 +259,7 @@ def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *,
     """
     c = config
     _checked_attention(attn_impl)
-    dtype = dtype or _compute_dtype(params)
+    dtype = dtype or (inputs_embeds.dtype if inputs_embeds is not None else _compute_dtype(params))
     lora_weights = None if lora is None else lora.weights
     if inputs_embeds is not None:
         x = inputs_embeds.astype(dtype)

@@ -23,6 +23,7 @@ from jft import data as jdata
 from jft import sharding
 from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
+from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import resolve_attention
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
@@ -87,13 +88,15 @@ class SFT:
                  warmup_steps: int = 0, max_seq_length: int = 2048, batch_size: int = 2, grad_accum: int = 1,
                  packing: bool = False, template: str | None = None, responses_only: bool = True, format: str | None = None,
                  remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
-                 log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto"):
+                 log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto",
+                 offload_embedding: bool = False):
         self.mesh = mesh
         sharding.check_rows(batch_size, mesh, f"batch_size={batch_size} rows")
         if mesh is not None:
             model = sharding.shard_model(model, mesh)
             lora = sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
+        self.embed_table = offload_embedding_table(model, lora) if offload_embedding else None
         self.optimizer = optimizer
         self.opt_args = dict(lr=learning_rate, embedding_lr=embedding_learning_rate, weight_decay=weight_decay,
                              schedule_kind=lr_schedule, warmup_steps=warmup_steps)
@@ -118,13 +121,23 @@ class SFT:
     def _pad_id(self) -> int:
         return pad_token_id_of(self.model)
 
+    def _device_params(self) -> dict:
+        """The params the step reads: without the embedding when it lives on the host."""
+        params = self.model.params
+        return params if self.embed_table is None else {k: v for k, v in params.items() if k != "embed"}
+
+    def _device_batch(self, batch: dict) -> dict:
+        if self.embed_table is not None:
+            batch = dict(batch, inputs_embeds=embed_tokens_on_host(self.model.config, self.embed_table, batch["input_ids"]))
+        return sharding.place_batch(batch, self.mesh)
+
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, lora, examples) -> float:
         """Token-mean loss over held-out examples."""
         fn = sharding.scoped(self.mesh, jax.jit(eval_loss, static_argnames=("config", "attn_impl")))
         total, count = 0.0, 0
         for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
-            s, n = fn(self.model.config, self.model.params, lora, sharding.place_batch(batch, self.mesh), self.attention)
+            s, n = fn(self.model.config, self._device_params(), lora, self._device_batch(batch), self.attention)
             total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
@@ -154,12 +167,20 @@ class SFT:
                                pad_id=pad_id, seed=self.seed, start_step=start)
         key = jax.random.key(self.seed)
         bar = tqdm(total=steps, initial=start, desc="sft", disable=not self.progress, dynamic_ncols=True)
-        t0, tokens_since = time.perf_counter(), 0
-        for step in range(start, steps):
+        params = self._device_params()
+
+        def upcoming():
             epoch, batch = next(stream)
-            tokens_since += int((batch["segment_ids"] > 0).sum())
-            batch = sharding.place_batch(batch, self.mesh)
-            lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch, jax.random.fold_in(key, step))
+            return epoch, int((batch["segment_ids"] > 0).sum()), self._device_batch(batch)
+
+        t0, tokens_since = time.perf_counter(), 0
+        pending = upcoming() if start < steps else None
+        for step in range(start, steps):
+            epoch, tokens, batch = pending
+            tokens_since += tokens
+            lora, opt_state, metrics = step_fn(params, lora, opt_state, batch, jax.random.fold_in(key, step))
+            if step + 1 < steps:
+                pending = upcoming()  # the host prepares the next batch while the device runs this step
             if (step + 1) % self.log_every == 0 or step + 1 == steps:
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
@@ -217,6 +238,22 @@ class SFT:
             except ImportError:
                 self._tb = None
         return self._tb
+
+
+def offload_embedding_table(model, lora) -> np.ndarray:
+    """Moves the frozen token embedding to host memory: model.params["embed"] becomes a numpy array
+    (the device copy is released once nothing else holds it) and is returned. Each batch's rows are
+    then looked up on the host and sent with the batch, which saves vocab x hidden values of device
+    memory (1 GiB on Llama-3-8B). Functions given these params still work: jit copies the table in."""
+    if model.config.tie_embeddings:
+        raise ValueError("offload_embedding needs an untied lm_head: this model's output projection is its token "
+                         "embedding, which the loss reads on the device")
+    if "embed" in lora.weights:
+        raise ValueError("offload_embedding keeps the embedding frozen; this LoRA trains it (drop 'embed' from its targets)")
+    embed = model.params["embed"]
+    table = np.asarray(jax.device_get(dense(embed, embed.dtype)))
+    model.params["embed"] = table
+    return table
 
 
 def plot_curves(series: dict[str, list[tuple[int, float]]], ylabel: str, path: str) -> None:

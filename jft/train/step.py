@@ -1,8 +1,10 @@
 """The functional core of supervised fine-tuning: loss, gradients, one optimizer step.
 
 A batch is a dict of int32 arrays [B, T]: input_ids, labels (input_ids with -100 where no loss is
-taken; NOT shifted, the loss shifts), positions and segment_ids (0 = padding). With gradient
-accumulation each array has a leading micro-batch axis [k, B, T].
+taken; NOT shifted, the loss shifts), positions and segment_ids (0 = padding), and optionally
+inputs_embeds [B, T, D]: the token embeddings, looked up before the step (then params need no
+"embed"; see `SFT(offload_embedding=True)`). With gradient accumulation each array has a leading
+micro-batch axis [k, B, T].
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jft.nn.transformer import REMAT_POLICIES, forward_hidden, output_weight  # 
 from jft.sharding import keep_replicated
 
 IGNORE = -100
+BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "inputs_embeds")
 
 
 def next_token_labels(labels, segment_ids):
@@ -30,7 +33,8 @@ def next_token_labels(labels, segment_ids):
 def token_losses(config: Config, params, lora, batch, *, dropout_key=None, remat: str = "full", attn_impl: str = "xla"):
     """Per-token cross-entropy [B, T] (0 where ignored) and the target mask, via the fused lm_head+CE."""
     hidden, _ = forward_hidden(config, params, batch["input_ids"], batch["positions"], batch["segment_ids"], lora=lora,
-                               dropout_key=dropout_key, remat=remat, attn_impl=attn_impl)
+                               dropout_key=dropout_key, remat=remat, attn_impl=attn_impl,
+                               inputs_embeds=batch.get("inputs_embeds"))
     targets = next_token_labels(batch["labels"], batch["segment_ids"])
     b, t, d = hidden.shape
     weight = dense(output_weight(config, params, lora), hidden.dtype)
@@ -75,7 +79,7 @@ def make_sft_step(config: Config, optimizer: optax.GradientTransformation, *, re
     """
 
     def step(params, lora, opt_state, batch, key=None):
-        batch = {k: jnp.asarray(v) for k, v in batch.items() if k in ("input_ids", "labels", "positions", "segment_ids")}
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if k in BATCH_KEYS}
         if batch["input_ids"].ndim == 2:
             b = batch["input_ids"].shape[0]
             if b % grad_accum:
