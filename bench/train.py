@@ -260,6 +260,16 @@ def max_context(args) -> dict:
     return row
 
 
+def _comma_list(*choices):
+    def checked(text):
+        unknown = [item for item in text.split(",") if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return text
+
+    return checked
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="the model's shapes (random weights)")
@@ -267,7 +277,7 @@ def parse(argv=None):
     p.add_argument("--attn", default=None, help="comma list of xla, cudnn (default: cudnn on GPU, xla on CPU)")
     p.add_argument("--remat", default="full", help="comma list of none, full, save_dots, offload")
     p.add_argument("--kernels", default=None, help="comma list of reference, pallas, auto")
-    p.add_argument("--embedding", default="device",
+    p.add_argument("--embedding", default="device", type=_comma_list("device", "host"),
                    help="comma list of device, host (host: SFT's offload_embedding, rows looked up on the host each step)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
