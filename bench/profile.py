@@ -61,7 +61,43 @@ def kernel_events(trace_dir: str):
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
             thread = threads.get((e["pid"], e.get("tid")), "")
             if "stream" in thread.lower() or "kernel" in thread.lower():  # not the per-op / per-module summary lines
-                yield e["name"], float(e.get("dur", 0.0))
+                yield e["name"], float(e.get("dur", 0.0)), e.get("args", {})
+
+
+def hlo_sources(hlo_text: str) -> dict:
+    """{HLO instruction name: "file:line function < caller < its caller (op)"} from the compiled
+    module's stack-frame tables (JAX keeps only user frames)."""
+    tables, section = collections.defaultdict(dict), None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            continue
+        m = re.match(r"^(\d+) (.*)$", line) if section else None
+        if not m:
+            section = None if not line.strip() or line.startswith(("HloModule", "%", " ", "ENTRY")) else section
+            continue
+        tables[section][int(m.group(1))] = m.group(2)
+    field = lambda text, key: int(re.search(key + r"=(\d+)", text).group(1))
+
+    def where(frame_id: int) -> str:
+        location = tables["FileLocations"][field(tables["StackFrames"][frame_id], "file_location_id")]
+        path = tables["FileNames"][field(location, "file_name_id")].strip('"')
+        function = tables["FunctionNames"][field(location, "function_name_id")].strip('"').split(".")[-1]
+        return f"{path.split('/jft/')[-1].split('/bench/')[-1]}:{field(location, 'line')} {function}"
+
+    sources = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)".*?stack_frame_id=(\d+)', line)
+        if m and tables["StackFrames"]:
+            name, op_name, frame = m.group(1), m.group(2), int(m.group(3))
+            chain = [frame]
+            while len(chain) < 3:  # the frame, its caller and theirs; a parent id is printed one above the frame's
+                parent = field(tables["StackFrames"][chain[-1]], "parent_frame_id") - 1
+                if parent not in tables["StackFrames"]:
+                    break
+                chain.append(parent)
+            sources[name] = f"{' < '.join(map(where, chain))} ({op_name.split('/')[-1]})"
+    return sources
 
 
 def main(argv=None):
@@ -92,10 +128,16 @@ def main(argv=None):
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
 
     by_kind, by_name, by_family = collections.Counter(), collections.Counter(), collections.Counter()
-    for name, dur in kernel_events(trace_dir):
+    sources, by_source, unplaced = hlo_sources(compiled.as_text()), collections.Counter(), set()
+    for name, dur, event_args in kernel_events(trace_dir):
         by_kind[kind_of(name)] += dur / 1e3 / args.steps
         by_name[name] += dur / 1e3 / args.steps
         by_family[re.sub(r"[._]?\d+$", "", name)] += dur / 1e3 / args.steps
+        op = str(event_args.get("hlo_op", name))
+        source = sources.get(op) or sources.get(op.replace("_", "."))
+        if source is None:
+            unplaced.add(op)
+        by_source[(kind_of(name), source or "(no source line)")] += dur / 1e3 / args.steps
     busy = sum(by_kind.values())
     computing = busy - by_kind["host transfer"]  # transfers run on their own streams, beside the kernels
     print(f"{args.quant[0]} remat={args.remat} attn={args.attn} batch {args.batch} x {args.seq}: "
@@ -111,6 +153,11 @@ def main(argv=None):
     print("\nkernel families (numbered XLA kernels summed, ms/step):")
     for name, ms in by_family.most_common(25):
         print(f"{ms:>8.2f}  {name[:120]}")
+    print("\nby the jft source line that made each kernel's HLO op (ms/step):")
+    for (kind, source), ms in by_source.most_common(40):
+        print(f"{ms:>8.2f}  {kind:<24} {source}")
+    if unplaced:
+        print(f"({len(unplaced)} ops without a source line, e.g. {sorted(unplaced)[:5]})")
     sys.stdout.flush()
 
 

@@ -27,7 +27,7 @@ _TRAIN_DEFAULTS = dict(quantize=None, dtype="bfloat16", r=16, alpha=16.0, dropou
                        batch_size=2, grad_accum=1, max_seq_length=2048, packing=False, template=None,
                        responses_only=True, format=None, warmup_steps=0, schedule="linear", weight_decay=0.0,
                        remat="full", eval_dataset=None, eval_every=0, checkpoint_every=0, resume=False, seed=0,
-                       split="train", mesh=None, offload_embedding=False)
+                       split="train", mesh=None, offload_embedding=False, distributed=None)
 
 
 def _mesh(spec):
@@ -41,6 +41,25 @@ def _mesh(spec):
     except ValueError:
         raise ValueError(f"--mesh takes data,fsdp,tensor such as 1,-1,1 (FSDP over every device), got {spec!r}") from None
     return jft.mesh(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def _start_distributed(spec) -> None:
+    """--distributed: join the other hosts' processes before any device is touched. "auto" lets JAX
+    find them (SLURM, Open MPI, TPU pods, ...); otherwise "coordinator host:port,processes,process id"."""
+    if not spec:
+        return
+    import jax
+
+    if spec == "auto":
+        jax.distributed.initialize()
+        return
+    try:
+        address, processes, process_id = str(spec).rsplit(",", 2)
+        processes, process_id = int(processes), int(process_id)
+    except ValueError:
+        raise ValueError(f"--distributed takes auto or host:port,processes,process_id such as 10.0.0.1:1234,2,0, "
+                         f"got {spec!r}") from None
+    jax.distributed.initialize(address, num_processes=processes, process_id=process_id)
 
 
 def _train_options(args) -> dict:
@@ -70,6 +89,7 @@ def _train(args) -> int:
     import jft
 
     o = _train_options(args)
+    _start_distributed(o["distributed"])
     mesh = _mesh(o["mesh"])
     model = jft.load(o["model"], dtype=o["dtype"], quantize=o["quantize"])
     print(model)
@@ -87,10 +107,18 @@ def _train(args) -> int:
         offload_embedding=o["offload_embedding"])
     state = trainer.fit(dataset, steps=o["steps"], epochs=o["epochs"] if o["steps"] is None else None,
                         eval_dataset=eval_dataset, resume=o["resume"])
-    adapter = f"{o['out']}/adapter"
-    jft.convert.save_lora(model, state.lora, adapter)
-    print(f"adapter (PEFT format): {adapter}; metrics: {o['out']}/metrics.jsonl; plot: {o['out']}/loss.png")
+    _save_adapter(model, state.lora, o["out"], "loss.png")
     return 0
+
+
+def _save_adapter(model, lora, out: str, plot: str) -> None:
+    """The trained LoRA as a PEFT adapter in out/adapter, written by the main process alone."""
+    import jft
+
+    if jft.sharding.is_main_process():
+        adapter = f"{out}/adapter"
+        jft.convert.save_lora(model, lora, adapter)
+        print(f"adapter (PEFT format): {adapter}; metrics: {out}/metrics.jsonl; plot: {out}/{plot}")
 
 
 def _export(args) -> int:
@@ -148,6 +176,7 @@ def _grpo(args) -> int:
     import jft
     from jft.rl import GRPO, GRPOConfig, gsm8k_prompts
 
+    _start_distributed(args.distributed)
     mesh = _mesh(args.mesh)
     model = jft.load(args.model, dtype=args.dtype, quantize=args.quantize)
     print(model)
@@ -172,10 +201,13 @@ def _grpo(args) -> int:
         engine = VllmEngine(model, lora, max_model_len=args.max_prompt_length + args.max_completion_length)
     trainer = GRPO(model, lora, _reward_fns(args.reward), engine=engine, config=cfg, mesh=mesh)
     state = trainer.fit(rows, steps=args.steps, resume=args.resume)
-    adapter = f"{args.out}/adapter"
-    jft.convert.save_lora(model, state.lora, adapter)
-    print(f"adapter (PEFT format): {adapter}; metrics: {args.out}/metrics.jsonl; plot: {args.out}/reward.png")
+    _save_adapter(model, state.lora, args.out, "reward.png")
     return 0
+
+
+_DISTRIBUTED_HELP = ("run one process per host, all with the same command, the mesh over every host's devices: "
+                     "alone, the hosts are found by JAX (SLURM, Open MPI, TPU pods); or give the coordinator's "
+                     "host:port, the process count and this process's id")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_const", const=True)
     t.add_argument("--seed", type=int)
     t.add_argument("--mesh", help="data,fsdp,tensor: shard over the devices (e.g. 1,-1,1 for FSDP over all)")
+    t.add_argument("--distributed", nargs="?", const="auto", metavar="HOST:PORT,PROCESSES,ID", help=_DISTRIBUTED_HELP)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="write a trained adapter as PEFT, merged safetensors, bnb-4bit or GGUF")
@@ -278,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-p", type=float, default=0.0)
     r.add_argument("--engine", default="jax", choices=["jax", "vllm"])
     r.add_argument("--mesh", help="data,fsdp,tensor: shard over the devices (e.g. 1,-1,1 for FSDP over all)")
+    r.add_argument("--distributed", nargs="?", const="auto", metavar="HOST:PORT,PROCESSES,ID", help=_DISTRIBUTED_HELP)
     r.add_argument("--quantize", choices=["nf4", "fp8"])
     r.add_argument("--dtype", default="bfloat16")
     r.add_argument("--r", type=int, default=16)

@@ -5,8 +5,11 @@ projections o/down, which split `in`) over tensor; embeddings split vocab over t
 over fsdp, norms are replicated. NF4 leaves, whose bytes are flat per matrix, split along their
 quantization blocks over fsdp. LoRA weights and optimizer state are small and stay replicated.
 Batches split their rows over data x fsdp. `jit` then partitions the unchanged step (GSPMD); inside
-the layer scan, `gather_layer` all-gathers one layer's weights at a time over fsdp (FSDP). On several
-hosts call `jax.distributed.initialize()` first and give each host its own rows.
+the layer scan, `gather_layer` all-gathers one layer's weights at a time over fsdp (FSDP).
+
+On several hosts, every host runs the same program after `jax.distributed.initialize()`: the mesh
+spans all hosts' devices, each host passes the same global batch and keeps its own devices' rows,
+and only the main process writes logs and plots.
 """
 
 from __future__ import annotations
@@ -178,6 +181,16 @@ def place_batch(batch: dict, m: Mesh | None) -> dict:
 
 
 def shard_batch(batch: dict, m: Mesh) -> dict:
-    """Rows of a host-local batch split over data x fsdp (each host passes its own rows)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(m, np.ndim(v)), np.asarray(v))
-            for k, v in batch.items()}
+    """A global host batch with its rows split over data x fsdp. Every process passes the same batch
+    and places only the rows of its own devices."""
+
+    def place(v):
+        v = np.asarray(v)
+        return jax.make_array_from_callback(v.shape, batch_sharding(m, v.ndim), lambda index: v[index])
+
+    return {k: place(v) for k, v in batch.items()}
+
+
+def is_main_process() -> bool:
+    """True on the one process (of one, or of several hosts') that writes logs, plots and files."""
+    return jax.process_index() == 0

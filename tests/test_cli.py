@@ -73,3 +73,5 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
     assert r.returncode == 2 and "nope.jsonl" in r.stderr
     r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN)
     assert r.returncode == 2 and "--out is required" in r.stderr
+    r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--distributed", "2,0")
+    assert r.returncode == 2 and "--distributed takes" in r.stderr and "Traceback" not in r.stderr, r.stderr

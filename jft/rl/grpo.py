@@ -343,7 +343,8 @@ class GRPO:
         checkpoints, start, lora, opt_state, history = start_run(
             cfg.out_dir, checkpoint_every=cfg.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
         stream = _prompt_stream(len(rows), cfg.prompts_per_step, cfg.seed, start)
-        bar = tqdm(total=steps, initial=start, desc="grpo", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start, desc="grpo", disable=not (cfg.progress and sharding.is_main_process()),
+                   dynamic_ncols=True)
         for step in range(start, steps):
             batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
             t0 = time.perf_counter()
@@ -371,7 +372,7 @@ class GRPO:
             for cb in callbacks:
                 cb(step + 1, record)
         bar.close()
-        if cfg.out_dir:
+        if cfg.out_dir and sharding.is_main_process():
             plot_rewards(history, os.path.join(cfg.out_dir, "reward.png"))
             plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))
         self.lora = lora
@@ -379,7 +380,7 @@ class GRPO:
         return GRPOState(lora, opt_state, steps, history)
 
     def _log(self, record: dict) -> None:
-        if not self.config.out_dir:
+        if not self.config.out_dir or not sharding.is_main_process():
             return
         os.makedirs(self.config.out_dir, exist_ok=True)
         with open(os.path.join(self.config.out_dir, "metrics.jsonl"), "a") as f:

@@ -7,6 +7,8 @@ import os
 
 import jax
 
+from jft.sharding import is_main_process
+
 
 class Checkpoints:
     """out_dir/checkpoints/: orbax steps (the two newest kept) and history-<step>.json files."""
@@ -25,6 +27,8 @@ class Checkpoints:
 
         self.manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
         self.manager.wait_until_finished()
+        if not is_main_process():
+            return
         path = self._history_path(step)
         with open(path + ".tmp", "w") as f:
             json.dump(history, f)
@@ -58,6 +62,6 @@ def start_run(out_dir: str | None, *, checkpoint_every: int, resume: bool, lora,
         if restored is not None:
             start, lora, opt_state, history = restored
     metrics = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-    if start == 0 and metrics and os.path.exists(metrics):
+    if start == 0 and metrics and os.path.exists(metrics) and is_main_process():
         os.remove(metrics)
     return checkpoints, start, lora, opt_state, history

@@ -166,7 +166,8 @@ class SFT:
         stream = _batch_stream(examples, batch_size=rows, seq_len=self.max_seq_length, packing=self.packing,
                                pad_id=pad_id, seed=self.seed, start_step=start)
         key = jax.random.key(self.seed)
-        bar = tqdm(total=steps, initial=start, desc="sft", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start, desc="sft", disable=not (self.progress and sharding.is_main_process()),
+                   dynamic_ncols=True)
         params = self._device_params()
 
         def upcoming():
@@ -207,7 +208,7 @@ class SFT:
         if eval_examples is not None:
             history.append({"step": steps, "eval_loss": self.evaluate(lora, eval_examples)})
             self._log(history[-1])
-        if self.out_dir:
+        if self.out_dir and sharding.is_main_process():
             plot_losses(history, os.path.join(self.out_dir, "loss.png"))
         if getattr(self, "_tb", None) is not None:
             self._tb.close()  # flushes the writer's queue
@@ -216,7 +217,7 @@ class SFT:
         return TrainState(lora, opt_state, steps, history)
 
     def _log(self, record: dict) -> None:
-        if not self.out_dir:
+        if not self.out_dir or not sharding.is_main_process():
             return
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:

@@ -1,0 +1,123 @@
+"""Training over several processes (`jax.distributed.initialize()`), as on several hosts: two CPU
+processes of two devices each, one mesh over all four, against one process of four devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jft.data.testing import make_tiny_tokenizer
+from jft.demo import build_tiny_model
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+GSM8K_TRAIN = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    build_tiny_model(str(path), make_tiny_tokenizer(vocab_size=600, chat_template="chatml"), hidden=64, layers=2,
+                     intermediate=128)
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+
+
+def _run_processes(argv_for, processes: int):
+    """Starts `processes` processes (argv_for(process_id)) sharing four CPU devices; their results."""
+    procs = [subprocess.Popen(argv_for(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(4 // processes), cwd=ROOT) for i in range(processes)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    return [out for out, _ in outs]
+
+
+def test_cli_train_over_two_processes_matches_one(base, tmp_path):
+    def train(out, distributed):
+        def argv(i):
+            args = [sys.executable, "-m", "jft.cli", "train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", "3",
+                    "--batch-size", "4", "--packing", "--max-seq-length", "256", "--quantize", "nf4", "--dtype", "float32",
+                    "--mesh", "2,2,1", "--out", str(out)]
+            return args + (["--distributed", f"{distributed},2,{i}"] if distributed else [])
+
+        _run_processes(argv, 2 if distributed else 1)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    one = train(tmp_path / "one", None)
+    two = train(tmp_path / "two", f"127.0.0.1:{_free_port()}")
+    assert [r["step"] for r in two] == [1, 2, 3]  # one writer: each step logged once
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    assert (tmp_path / "two" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "two" / "loss.png").stat().st_size > 1000
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    processes, process_id, address, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    if processes > 1:
+        jax.distributed.initialize(address, num_processes=processes, process_id=process_id)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import numpy as np
+    from jax.experimental import multihost_utils
+    import jft
+    from jft.rl import GRPO, GRPOConfig
+
+    mesh = jft.mesh(data=2, fsdp=2)
+    rows = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    placed = jft.sharding.shard_batch({"x": rows}, mesh)["x"]
+    local_rows = sum(s.data.shape[0] for s in placed.addressable_shards if s.replica_id == 0)
+    whole = multihost_utils.process_allgather(placed, tiled=True)
+
+    model = jft.load(path, dtype="float32", quantize="nf4", progress=False)
+    lora = jft.lora.init(model, r=4, alpha=8, key=jax.random.key(0))
+
+    def digits(prompts, completions, **kw):
+        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+    prompts = [{"prompt": f"{a}+{b}="} for a in range(8) for b in range(8)]
+    cfg = GRPOConfig(prompts_per_step=4, num_generations=4, learning_rate=1e-2, max_completion_length=4,
+                     max_prompt_length=16, beta=0.05, progress=False, out_dir=out)
+    state = GRPO(model, lora, [digits], config=cfg, mesh=mesh).fit(prompts, steps=2)
+    print("RESULT " + json.dumps({
+        "batch_shape": list(placed.shape), "batch_equal": bool((np.asarray(whole) == rows).all()),
+        "local_rows": local_rows, "history": [[h["reward"], h["loss"], h["kl"]] for h in state.history],
+        "lora_sum": float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(state.lora)))}))
+""")
+
+
+def test_grpo_and_batches_over_two_processes(base, tmp_path):
+    script = tmp_path / "grpo.py"
+    script.write_text(_SCRIPT)
+
+    def run(processes, out):
+        address = f"127.0.0.1:{_free_port()}"
+        outs = _run_processes(lambda i: [sys.executable, str(script), str(processes), str(i), address, base, str(out)],
+                              processes)
+        return [json.loads(line[len("RESULT "):]) for o in outs for line in o.splitlines() if line.startswith("RESULT ")]
+
+    (one,) = run(1, tmp_path / "one")
+    two = run(2, tmp_path / "two")
+    for r in two:
+        # the global batch keeps its shape and rows; each process placed only its own devices' half
+        assert r["batch_shape"] == [8, 3] and r["batch_equal"] and r["local_rows"] == 4, r
+        assert [h[0] for h in r["history"]] == [h[0] for h in one["history"]]  # the same rollouts and rewards
+        assert sum(r["history"], []) == pytest.approx(sum(one["history"], []), abs=1e-5)
+        assert r["lora_sum"] == pytest.approx(one["lora_sum"], rel=1e-5)
+    assert one["local_rows"] == 8
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
