@@ -1,10 +1,14 @@
 """Where a training step's time and memory go: the same step as bench/train.py, traced.
 
 Runs a few steps under `jax.profiler`, then sums the GPU kernel time of the traced steps by kind
-(matmuls, attention, Pallas kernels, XLA fusions, copies) and lists the costliest kernels, next to
-the step's wall time. Also prints XLA's memory analysis of the compiled step. On the GPU:
+(matmuls, attention, Pallas kernels, XLA fusions, copies), lists the costliest kernels, and sums
+them by the jft source line of the HLO op behind each one, next to the step's wall time. Also
+prints XLA's memory analysis of the compiled step. On the GPU:
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/profile.py --quant nf4 --remat full
+
+XLA's command buffers launch many ops as one; `XLA_FLAGS=--xla_gpu_enable_command_buffer=` turns
+them off so that each kernel keeps its op's source line.
 """
 
 from __future__ import annotations
@@ -71,12 +75,10 @@ def hlo_sources(hlo_text: str) -> dict:
     for line in hlo_text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
             section = line
-            continue
-        m = re.match(r"^(\d+) (.*)$", line) if section else None
-        if not m:
-            section = None if not line.strip() or line.startswith(("HloModule", "%", " ", "ENTRY")) else section
-            continue
-        tables[section][int(m.group(1))] = m.group(2)
+        elif section and (m := re.match(r"^(\d+) (.*)$", line)):
+            tables[section][int(m.group(1))] = m.group(2)
+        else:
+            section = None
     field = lambda text, key: int(re.search(key + r"=(\d+)", text).group(1))
 
     def where(frame_id: int) -> str:
@@ -134,7 +136,7 @@ def main(argv=None):
         by_name[name] += dur / 1e3 / args.steps
         by_family[re.sub(r"[._]?\d+$", "", name)] += dur / 1e3 / args.steps
         op = str(event_args.get("hlo_op", name))
-        source = sources.get(op) or sources.get(op.replace("_", "."))
+        source = sources.get(op)
         if source is None:
             unplaced.add(op)
         by_source[(kind_of(name), source or "(no source line)")] += dur / 1e3 / args.steps
