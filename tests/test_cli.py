@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from jft.data.testing import make_tiny_tokenizer
-from jft.demo import build_tiny_model
 
 GSM8K_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl")
 
@@ -18,14 +16,6 @@ def _jft(*args, cwd=None, devices=None):
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", "jft.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    build_tiny_model(str(path), make_tiny_tokenizer(vocab_size=600, chat_template="chatml"), hidden=64, layers=2,
-                     intermediate=128)
-    return str(path)
 
 
 def test_train_then_export_merged_then_generate(base, tmp_path):

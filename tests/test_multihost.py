@@ -10,19 +10,9 @@ import textwrap
 
 import pytest
 
-from jft.data.testing import make_tiny_tokenizer
-from jft.demo import build_tiny_model
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 GSM8K_TRAIN = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    build_tiny_model(str(path), make_tiny_tokenizer(vocab_size=600, chat_template="chatml"), hidden=64, layers=2,
-                     intermediate=128)
-    return str(path)
 
 
 def _free_port() -> int:
