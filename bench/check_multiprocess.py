@@ -30,22 +30,18 @@ def child(args):
     import numpy as np
 
     import jft
+    from jft.data.testing import digit_count_reward, sum_prompts, sum_questions
     from jft.rl import GRPO, GRPOConfig
 
     n = len(jax.devices())
     model = jft.load(args.model, dtype="float32", quantize="nf4", progress=False)
     lora = jft.lora.init(model, r=4, alpha=8, key=jax.random.key(0))
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(8) for b in range(8)]
     sft = jft.train.SFT(model, lora, learning_rate=1e-2, max_seq_length=64, batch_size=8, packing=True, progress=False,
-                        mesh=jft.mesh(data=1, fsdp=n)).fit(rows, steps=4)
-
-    def digits(prompts, completions, **kw):
-        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+                        mesh=jft.mesh(data=1, fsdp=n)).fit(sum_questions(), steps=4)
 
     cfg = GRPOConfig(prompts_per_step=4, num_generations=4, learning_rate=1e-2, max_completion_length=4,
                      max_prompt_length=16, beta=0.05, progress=False)
-    grpo = GRPO(model, lora, [digits], config=cfg, mesh=jft.mesh(data=n, fsdp=1)).fit(
-        [{"prompt": f"{a}+{b}="} for a in range(8) for b in range(8)], steps=3)
+    grpo = GRPO(model, lora, [digit_count_reward], config=cfg, mesh=jft.mesh(data=n, fsdp=1)).fit(sum_prompts(), steps=3)
     print("RESULT " + json.dumps({
         "process": jax.process_index(), "devices": n, "local": len(jax.local_devices()),
         "sft_loss": [h["loss"] for h in sft.history], "sft_grad_norm": [h["grad_norm"] for h in sft.history],

@@ -19,7 +19,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (its profile.py shadows the stdlib's)
 
 import jft  # noqa: E402
-from jft.data.testing import make_tiny_tokenizer  # noqa: E402
+from jft.data.testing import digit_count_reward, make_tiny_tokenizer, sum_prompts, sum_questions  # noqa: E402
 from jft.demo import build_tiny_model  # noqa: E402
 from jft.rl import GRPO, GRPOConfig  # noqa: E402
 
@@ -27,7 +27,7 @@ print(jax.devices(), flush=True)
 path = build_tiny_model(tempfile.mkdtemp(), make_tiny_tokenizer(vocab_size=400), hidden=128, layers=2, intermediate=256)
 model = jft.load(path, dtype="float32", progress=False)
 lora = jft.lora.init(model, r=4, alpha=8, key=jax.random.key(0))
-rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(8) for b in range(8)]
+rows = sum_questions()
 kw = dict(learning_rate=1e-2, max_seq_length=64, batch_size=8, packing=True, progress=False)
 dev = jft.train.SFT(model, lora, **kw).fit(rows, steps=4)
 host_model = dataclasses.replace(model, params=dict(model.params))
@@ -38,16 +38,13 @@ if len(jax.devices()) >= 2:
     fsdp = jft.train.SFT(host_model, lora, offload_embedding=True, mesh=jft.mesh(data=1, fsdp=2), **kw).fit(rows, steps=4)
     print("SFT host embed, fsdp=2 ", [round(h["loss"], 6) for h in fsdp.history])
 
-def digits(prompts, completions, **kw):
-    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
-
-prompts = [{"prompt": f"{a}+{b}="} for a in range(8) for b in range(8)]
+prompts = sum_prompts()
 cfg = GRPOConfig(prompts_per_step=4, num_generations=4, learning_rate=1e-2, max_completion_length=4,
                  max_prompt_length=16, beta=0.05, progress=False)
 meshes = [None] + ([jft.mesh(data=2, fsdp=1), jft.mesh(data=1, fsdp=2)] if len(jax.devices()) >= 2 else [])
 for m in meshes:
     t = time.perf_counter()
-    r = GRPO(model, lora, [digits], config=cfg, mesh=m).fit(prompts, steps=3)
+    r = GRPO(model, lora, [digit_count_reward], config=cfg, mesh=m).fit(prompts, steps=3)
     devs = len(jax.tree.leaves(r.lora)[0].sharding.device_set)
     print("GRPO mesh", None if m is None else dict(m.shape), "lora on", devs, "devices;",
           [(h["reward"], round(h["loss"], 6), round(h["kl"], 6)) for h in r.history], f"{time.perf_counter() - t:.1f}s", flush=True)

@@ -66,6 +66,7 @@ _SCRIPT = textwrap.dedent("""
     import numpy as np
     from jax.experimental import multihost_utils
     import jft
+    from jft.data.testing import digit_count_reward, sum_prompts
     from jft.rl import GRPO, GRPOConfig
 
     mesh = jft.mesh(data=2, fsdp=2)
@@ -77,13 +78,9 @@ _SCRIPT = textwrap.dedent("""
     model = jft.load(path, dtype="float32", quantize="nf4", progress=False)
     lora = jft.lora.init(model, r=4, alpha=8, key=jax.random.key(0))
 
-    def digits(prompts, completions, **kw):
-        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
-
-    prompts = [{"prompt": f"{a}+{b}="} for a in range(8) for b in range(8)]
     cfg = GRPOConfig(prompts_per_step=4, num_generations=4, learning_rate=1e-2, max_completion_length=4,
                      max_prompt_length=16, beta=0.05, progress=False, out_dir=out)
-    state = GRPO(model, lora, [digits], config=cfg, mesh=mesh).fit(prompts, steps=2)
+    state = GRPO(model, lora, [digit_count_reward], config=cfg, mesh=mesh).fit(sum_prompts(), steps=2)
     print("RESULT " + json.dumps({
         "batch_shape": list(placed.shape), "batch_equal": bool((np.asarray(whole) == rows).all()),
         "local_rows": local_rows, "history": [[h["reward"], h["loss"], h["kl"]] for h in state.history],

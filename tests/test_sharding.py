@@ -13,7 +13,7 @@ _SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     import jft
-    from jft.data.testing import make_tiny_tokenizer
+    from jft.data.testing import digit_count_reward, make_tiny_tokenizer, sum_prompts, sum_questions
     from jft.demo import build_tiny_model
     from jft.train.step import loss_and_grads
 
@@ -47,7 +47,7 @@ _SCRIPT = textwrap.dedent("""
         result[json.dumps(shape)] = {"loss_diff": abs(loss - one_loss), "grad_rel_diff": diff,
                                      "max_devices_per_param": max(placed)}
 
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(8) for b in range(8)]
+    rows = sum_questions()
     kw = dict(learning_rate=1e-2, max_seq_length=64, batch_size=8, packing=True, progress=False)
     single = jft.train.SFT(model, lora, **kw).fit(rows, steps=3)
     multi = jft.train.SFT(model, lora, mesh=jft.mesh(data=2, fsdp=4), **kw).fit(rows, steps=3)
@@ -61,13 +61,10 @@ _SCRIPT = textwrap.dedent("""
 
     from jft.rl import GRPO, GRPOConfig
 
-    def digits(prompts, completions, **kw):
-        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
-
-    prompts = [{"prompt": f"{a}+{b}="} for a in range(8) for b in range(8)]
+    prompts = sum_prompts()
     cfg = GRPOConfig(prompts_per_step=4, num_generations=4, learning_rate=1e-2, max_completion_length=4,
                      max_prompt_length=16, beta=0.05, progress=False)
-    runs = [GRPO(model, lora, [digits], config=cfg, mesh=m).fit(prompts, steps=3) for m in (None, jft.mesh(data=2, fsdp=4))]
+    runs = [GRPO(model, lora, [digit_count_reward], config=cfg, mesh=m).fit(prompts, steps=3) for m in (None, jft.mesh(data=2, fsdp=4))]
     (one, eight) = [[(h["reward"], h["loss"], h["kl"]) for h in r.history] for r in runs]
     result["grpo_same_rollouts"] = [a[0] == b[0] for a, b in zip(one, eight)]
     result["grpo_loss_diff"] = max(abs(a[1] - b[1]) + abs(a[2] - b[2]) for a, b in zip(one, eight))

@@ -1,4 +1,5 @@
-"""A tiny byte-level BPE tokenizer built locally (no network, no torch), for tests and demos."""
+"""A tiny byte-level BPE tokenizer built locally (no network, no torch), and tiny sum problems with a
+digit-counting reward: the data of tests and functional checks."""
 
 from __future__ import annotations
 
@@ -108,3 +109,18 @@ def make_tiny_tokenizer(path=None, vocab_size: int = 512, chat_template: str | N
     if path is not None:
         _save_atomically(tokenizer, os.fspath(path))
     return tokenizer
+
+
+def sum_questions(n: int = 8) -> list[dict]:
+    """{"question": "What is a plus b?", "answer": "#### a+b"} for a, b < n: tiny SFT rows."""
+    return [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(n) for b in range(n)]
+
+
+def sum_prompts(n: int = 8) -> list[dict]:
+    """{"prompt": "a+b="} for a, b < n: tiny GRPO prompts."""
+    return [{"prompt": f"{a}+{b}="} for a in range(n) for b in range(n)]
+
+
+def digit_count_reward(prompts, completions, **kw) -> list[float]:
+    """A GRPO reward for checks: the number of digits in each completion."""
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]

@@ -135,9 +135,9 @@ class SFT:
     def evaluate(self, lora, examples) -> float:
         """Token-mean loss over held-out examples."""
         fn = sharding.scoped(self.mesh, jax.jit(eval_loss, static_argnames=("config", "attn_impl")))
-        total, count = 0.0, 0
+        total, count, params = 0.0, 0, self._device_params()
         for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
-            s, n = fn(self.model.config, self._device_params(), lora, self._device_batch(batch), self.attention)
+            s, n = fn(self.model.config, params, lora, self._device_batch(batch), self.attention)
             total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
