@@ -36,20 +36,23 @@ def _run_processes(argv_for, processes: int):
     return [out for out, _ in outs]
 
 
-def test_cli_train_over_two_processes_matches_one(base, tmp_path):
-    def train(out, distributed):
+def test_cli_train_over_two_processes_matches_one_and_resumes(base, tmp_path):
+    """Two processes train 2 steps with a checkpoint, then resume for 2 more: the same 4 steps as
+    one process training straight through (a constant learning rate: the step count sets no decay)."""
+    def train(out, distributed, steps, extra=()):
         def argv(i):
-            args = [sys.executable, "-m", "jft.cli", "train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", "3",
+            args = [sys.executable, "-m", "jft.cli", "train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", str(steps),
                     "--batch-size", "4", "--packing", "--max-seq-length", "256", "--quantize", "nf4", "--dtype", "float32",
-                    "--mesh", "2,2,1", "--out", str(out)]
+                    "--mesh", "2,2,1", "--schedule", "constant", "--out", str(out), *extra]
             return args + (["--distributed", f"{distributed},2,{i}"] if distributed else [])
 
         _run_processes(argv, 2 if distributed else 1)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    one = train(tmp_path / "one", None)
-    two = train(tmp_path / "two", f"127.0.0.1:{_free_port()}")
-    assert [r["step"] for r in two] == [1, 2, 3]  # one writer: each step logged once
+    one = train(tmp_path / "one", None, 4)
+    train(tmp_path / "two", f"127.0.0.1:{_free_port()}", 2, ["--checkpoint-every", "2"])
+    two = train(tmp_path / "two", f"127.0.0.1:{_free_port()}", 4, ["--checkpoint-every", "2", "--resume"])
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # one writer: each step logged once, the resumed run appends
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert (tmp_path / "two" / "adapter" / "adapter_config.json").exists()

@@ -9,7 +9,7 @@ import textwrap
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 _SCRIPT = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     import jft
@@ -69,6 +69,19 @@ _SCRIPT = textwrap.dedent("""
     result["grpo_same_rollouts"] = [a[0] == b[0] for a, b in zip(one, eight)]
     result["grpo_loss_diff"] = max(abs(a[1] - b[1]) + abs(a[2] - b[2]) for a, b in zip(one, eight))
     result["grpo_lora_devices"] = len(jax.tree.leaves(runs[1].lora)[0].sharding.device_set)
+
+    def stop_after_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    saving = dataclasses.replace(cfg, out_dir=sys.argv[1] + "-grpo", checkpoint_every=2)
+    try:
+        GRPO(model, lora, [digit_count_reward], config=saving, mesh=jft.mesh(data=2, fsdp=4)).fit(prompts, steps=3, callbacks=[stop_after_2])
+    except KeyboardInterrupt:
+        pass
+    resumed = GRPO(model, lora, [digit_count_reward], config=saving, mesh=jft.mesh(data=2, fsdp=4)).fit(prompts, steps=3, resume=True)
+    result["grpo_resumed_lora_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                           for a, b in zip(jax.tree.leaves(runs[1].lora), jax.tree.leaves(resumed.lora)))
     print("RESULT " + json.dumps(result))
 """)
 
@@ -91,6 +104,7 @@ def _check(r):
         assert r[shape]["max_devices_per_param"] > 1, r  # params really are spread over devices
     assert r["sft_loss_diff"] < 1e-5 and r["sft_lora_rel_diff"] < 1e-2, r
     assert all(r["grpo_same_rollouts"]) and r["grpo_loss_diff"] < 1e-5 and r["grpo_lora_devices"] == 8, r
+    assert r["grpo_resumed_lora_diff"] == 0.0, r  # stopped after a checkpoint and resumed on the mesh: exact
 
 
 def test_sharded_loss_and_grads_equal_one_device(tmp_path):

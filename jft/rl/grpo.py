@@ -335,6 +335,8 @@ class GRPO:
         lr_at = schedule(cfg.learning_rate, total_updates, kind=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
         lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
         opt_state = optimizer.init(lora)
+        if self.mesh is not None:  # its counters too, so that a checkpoint restores onto the mesh
+            opt_state = sharding.replicate(opt_state, self.mesh)
         attn_impl = resolve_attention(self.model.config, packed=True)  # rows are left-padded prompts + completions
         step_fn = sharding.scoped(self.mesh, make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl))
         logprob_fn = sharding.scoped(self.mesh, jax.jit(completion_logprobs,
