@@ -15,21 +15,35 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 GSM8K_TRAIN = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(ports=range(0, 1)) -> int:
+    """A free local port (any, or the first free one of `ports`)."""
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {ports}")
 
 
-def _env(devices: int) -> dict:
+def _slurm_env(process_id: int, processes: int) -> dict:
+    """What SLURM sets for one task of a job step on one node; JAX derives the coordinator's port from
+    the job id (61440 + id % 4096), so the id is chosen to give a free port."""
+    port = _free_port(range(61440, 65536))
+    return {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(processes),
+            "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id)}
+
+
+def _env(devices: int, extra=None) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", **(extra or {})}
 
 
-def _run_processes(argv_for, processes: int):
+def _run_processes(argv_for, processes: int, env_for=lambda process_id: {}):
     """Starts `processes` processes (argv_for(process_id)) sharing four CPU devices; their results."""
     procs = [subprocess.Popen(argv_for(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(4 // processes), cwd=ROOT) for i in range(processes)]
+                              env=_env(4 // processes, env_for(i)), cwd=ROOT) for i in range(processes)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
@@ -38,20 +52,24 @@ def _run_processes(argv_for, processes: int):
 
 def test_cli_train_over_two_processes_matches_one_and_resumes(base, tmp_path):
     """Two processes train 2 steps with a checkpoint, then resume for 2 more: the same 4 steps as
-    one process training straight through (a constant learning rate: the step count sets no decay)."""
-    def train(out, distributed, steps, extra=()):
+    one process training straight through (a constant learning rate: the step count sets no decay).
+    The first run names its coordinator; the resumed one finds it, as under SLURM, with a bare
+    --distributed."""
+    def train(out, steps, distributed=None, extra=(), env_for=lambda i: {}):
         def argv(i):
-            args = [sys.executable, "-m", "jft.cli", "train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", str(steps),
+            return [sys.executable, "-m", "jft.cli", "train", "--model", base, "--dataset", GSM8K_TRAIN, "--steps", str(steps),
                     "--batch-size", "4", "--packing", "--max-seq-length", "256", "--quantize", "nf4", "--dtype", "float32",
-                    "--mesh", "2,2,1", "--schedule", "constant", "--out", str(out), *extra]
-            return args + (["--distributed", f"{distributed},2,{i}"] if distributed else [])
+                    "--mesh", "2,2,1", "--schedule", "constant", "--out", str(out), *extra, *(distributed(i) if distributed else [])]
 
-        _run_processes(argv, 2 if distributed else 1)
+        _run_processes(argv, 2 if distributed else 1, env_for)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    one = train(tmp_path / "one", None, 4)
-    train(tmp_path / "two", f"127.0.0.1:{_free_port()}", 2, ["--checkpoint-every", "2"])
-    two = train(tmp_path / "two", f"127.0.0.1:{_free_port()}", 4, ["--checkpoint-every", "2", "--resume"])
+    one = train(tmp_path / "one", 4)
+    address = f"127.0.0.1:{_free_port()}"
+    train(tmp_path / "two", 2, lambda i: ["--distributed", f"{address},2,{i}"], ["--checkpoint-every", "2"])
+    slurm = [_slurm_env(i, 2) for i in range(2)]
+    slurm[1]["SLURM_JOB_ID"] = slurm[0]["SLURM_JOB_ID"]
+    two = train(tmp_path / "two", 4, lambda i: ["--distributed"], ["--checkpoint-every", "2", "--resume"], slurm.__getitem__)
     assert [r["step"] for r in two] == [1, 2, 3, 4]  # one writer: each step logged once, the resumed run appends
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
