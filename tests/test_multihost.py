@@ -27,11 +27,14 @@ def _free_port(ports=range(0, 1)) -> int:
     raise RuntimeError(f"no free port in {ports}")
 
 
-def _slurm_env(process_id: int, processes: int) -> dict:
-    """What SLURM sets for one task of a job step on one node; JAX derives the coordinator's port from
-    the job id (61440 + id % 4096), so the id is chosen to give a free port."""
-    port = _free_port(range(61440, 65536))
-    return {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(processes),
+def _slurm_job_id() -> str:
+    """A SLURM job id whose coordinator port, as JAX derives it (61440 + id % 4096), is free here."""
+    return str(_free_port(range(61440, 65536)) - 61440)
+
+
+def _slurm_env(job_id: str, process_id: int, processes: int) -> dict:
+    """What SLURM sets for one task of a job step on one node."""
+    return {"SLURM_JOB_ID": job_id, "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(processes),
             "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id)}
 
 
@@ -67,9 +70,9 @@ def test_cli_train_over_two_processes_matches_one_and_resumes(base, tmp_path):
     one = train(tmp_path / "one", 4)
     address = f"127.0.0.1:{_free_port()}"
     train(tmp_path / "two", 2, lambda i: ["--distributed", f"{address},2,{i}"], ["--checkpoint-every", "2"])
-    slurm = [_slurm_env(i, 2) for i in range(2)]
-    slurm[1]["SLURM_JOB_ID"] = slurm[0]["SLURM_JOB_ID"]
-    two = train(tmp_path / "two", 4, lambda i: ["--distributed"], ["--checkpoint-every", "2", "--resume"], slurm.__getitem__)
+    job = _slurm_job_id()
+    two = train(tmp_path / "two", 4, lambda i: ["--distributed"], ["--checkpoint-every", "2", "--resume"],
+                lambda i: _slurm_env(job, i, 2))
     assert [r["step"] for r in two] == [1, 2, 3, 4]  # one writer: each step logged once, the resumed run appends
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
