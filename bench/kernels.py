@@ -41,6 +41,7 @@ from jft.kernels.nf4 import dequantize_pallas as nf4_dequantize_pallas  # noqa: 
 from jft.kernels.nf4 import dequantize_reference as nf4_dequantize_reference  # noqa: E402
 from jft.kernels.rope import rope_pallas, rope_reference  # noqa: E402
 from jft.quant import quantize_nf4  # noqa: E402
+from train import packed_layout  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +210,14 @@ def cases(model: Model, tokens: int) -> list[Case]:
             )
         name = "attention" + ("" if window is None else f" window={window}")
         out.append(Case(name, impls, (qa, ka, va), "TFLOP/s", causal_flops, 3.5 * causal_flops))
+    # packed rows: documents of random lengths, then padding (the layout bench/train.py --documents makes)
+    pos, seg = (jnp.asarray(a)[None] for a in packed_layout(n, max(2, n // 400)))
+    lengths = jnp.bincount(seg[0], length=int(seg.max()) + 1)[1:]
+    packed_flops = float(jnp.sum(lengths.astype(jnp.float32) ** 2)) * 4 * hq * hd / 2
+    out.append(Case("attention packed", {
+        "xla": lambda q, k_, v_: attention_reference(q, k_, v_, pos, pos, seg, seg, **attn_kw),
+        "pallas": lambda q, k_, v_: attention_pallas(q, k_, v_, pos, pos, seg, seg, **attn_kw),
+    }, (qa, ka, va), "TFLOP/s", packed_flops, 3.5 * packed_flops))
     return out
 
 

@@ -496,14 +496,15 @@ def test_attention_pallas_unmasked_blocks_match_reference(window):
 
 
 @pytest.mark.parametrize("window", [None, 40])
-def test_attention_block_ranges_skip_only_hidden_blocks_and_unmask_only_visible_ones(window):
+def test_attention_block_ranges_visit_exactly_the_visible_blocks(window):
     from jft.kernels.attention import _block_ranges
 
     rng = np.random.default_rng(0)
-    b, t, bq, bk = 3, 96, 16, 8
-    seg = np.sort(rng.integers(0, 3, (b, t)), axis=1)  # packed documents, then a row of one document
-    seg[2] = 0
-    pos = np.stack([np.concatenate([np.arange((r == d).sum()) for d in np.unique(r)]) for r in seg])
+    b, t, bq, bk = 4, 96, 16, 8
+    seg = np.sort(rng.integers(0, 3, (b, t)), axis=1)  # packed documents after padding (left-padded rows)
+    seg[2] = 0  # one document
+    seg[3] = [1] * 70 + [2] * 16 + [0] * 10  # as packing makes them: a long document, a short one, padding
+    pos = np.stack([np.concatenate([np.arange((r == d).sum()) for d in dict.fromkeys(r)]) for r in seg])
     qp, kp, qs, ks = (jnp.asarray(a, jnp.int32) for a in (pos, pos, seg, seg))
     visible = np.asarray(allowed_mask(qp, kp, qs, ks, window))
     key_ranges, q_ranges = (np.asarray(r) for r in _block_ranges(qp, kp, qs, ks, bq, bk, window))
@@ -513,10 +514,13 @@ def test_attention_block_ranges_skip_only_hidden_blocks_and_unmask_only_visible_
         lo, full_lo, full_hi, hi = np.moveaxis(ranges, -1, 0)
         assert np.all((lo <= full_lo) & (full_lo <= full_hi) & (full_hi <= hi))
         index = np.arange(some_.shape[-1])
-        inside = (index >= lo[..., None]) & (index < hi[..., None])
         unmasked = (index >= full_lo[..., None]) & (index < full_hi[..., None])
-        assert not np.any(some_ & ~inside), "a block with a visible key is skipped"
         assert not np.any(unmasked & ~every_), "a block with a hidden key runs without the mask"
+        seen = some_.any(axis=-1)
+        first, last = np.argmax(some_, axis=-1), some_.shape[-1] - 1 - np.argmax(some_[..., ::-1], axis=-1)
+        np.testing.assert_array_equal(np.where(seen, lo, 0), np.where(seen, first, 0))  # from the first visible block
+        np.testing.assert_array_equal(np.where(seen, hi, 0), np.where(seen, last + 1, 0))  # to the last
+        np.testing.assert_array_equal(np.where(seen, 0, hi - lo), 0)  # and nothing where none is visible
     # the one-document row: q block i sees key blocks [0, 2i + 2), of which 2i need no mask (no
     # window); a window masks the oldest blocks too, so the unmasked run starts later
     lo, full_lo, full_hi, hi = np.moveaxis(key_ranges[2], -1, 0)
@@ -527,6 +531,8 @@ def test_attention_block_ranges_skip_only_hidden_blocks_and_unmask_only_visible_
         np.testing.assert_array_equal(full_hi - full_lo, 2 * i)
     else:
         assert np.all(full_hi[3:] > full_lo[3:]) and np.all(lo[3:] < full_lo[3:])
+    # the packed row: the first document's q blocks stop at the diagonal, as in the one-document row
+    np.testing.assert_array_equal(key_ranges[3, :4, 3], 2 * i[:4] + 2)
 
 
 def test_attention_rejects_bad_shapes():

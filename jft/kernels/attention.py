@@ -226,35 +226,37 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse
 
 
 def _block_ranges(qp, kp, qs, ks, bq, bk, window):
-    """For each (row, q block), int32 [lo, full_lo, full_hi, hi]: the key blocks [lo, hi) that may
-    hold a visible key, and within it a run [full_lo, full_hi) of blocks all of whose keys every
-    query of the block sees (no mask needed); and the same for each (row, key block) over q blocks.
-    Shapes [B, nQ, 4] and [B, nK, 4]. Kernels loop over these ranges only (a masked block inside a
-    range costs time, never correctness)."""
+    """For each (row, q block), int32 [lo, full_lo, full_hi, hi]: the key blocks [lo, hi) from the
+    first to the last that holds a key visible to a query of the block, and within it a run
+    [full_lo, full_hi) of blocks all of whose keys every query of the block sees (no mask needed);
+    and the same for each (row, key block) over q blocks. Shapes [B, nQ, 4] and [B, nK, 4]. Kernels
+    loop over these ranges only. Exact, from the (query, key) visibility itself: block statistics
+    would let every query of a packed row visit the row's last blocks (a later document's positions
+    restart at 0), and with them every block in between."""
     b, t = qp.shape
-    stats = lambda a, n: (a.reshape(b, -1, n).min(-1), a.reshape(b, -1, n).max(-1))
-    (qp_min, qp_max), (qs_min, qs_max) = stats(qp, bq), stats(qs, bq)
-    (kp_min, kp_max), (ks_min, ks_max) = stats(kp, bk), stats(ks, bk)
-    maybe = (kp_min[:, None, :] <= qp_max[:, :, None]) & (ks_min[:, None, :] <= qs_max[:, :, None])
-    maybe &= qs_min[:, :, None] <= ks_max[:, None, :]
-    one_segment = (qs_min == qs_max)[:, :, None] & (ks_min == ks_max)[:, None, :] & (qs_min[:, :, None] == ks_min[:, None, :])
-    full = one_segment & (kp_max[:, None, :] <= qp_min[:, :, None])
-    if window is not None:
-        maybe &= qp_min[:, :, None] - kp_max[:, None, :] < window
-        full &= qp_max[:, :, None] - kp_min[:, None, :] < window
+    s = kp.shape[1]
 
-    def ranges(maybe, full):
-        n = maybe.shape[-1]
+    def q_blocks(qp_q, qs_q):  # [B, bq] -> any / all visible per key block, [B, nK] each
+        ok = jax.vmap(functools.partial(_visible, window=window))(qp_q, qs_q, kp, ks).reshape(b, bq, s // bk, bk)
+        return ok.any(axis=(1, 3)), ok.all(axis=(1, 3))
+
+    by_block = lambda a: a.reshape(b, t // bq, bq).swapaxes(0, 1)
+    per_step = max(1, 2**24 // (b * bq * s))  # q blocks per step: a [B, bq, S] mask each, at most 16M booleans
+    some, full = jax.lax.map(lambda a: q_blocks(*a), (by_block(qp), by_block(qs)), batch_size=per_step)
+    some, full = some.swapaxes(0, 1), full.swapaxes(0, 1)  # [B, nQ, nK]
+
+    def ranges(some, full):
+        n = some.shape[-1]
         index = jnp.arange(n)
         first = lambda m: jnp.where(jnp.any(m, axis=-1), jnp.argmax(m, axis=-1), n)
-        lo = jnp.where(jnp.any(maybe, axis=-1), first(maybe), 0)
-        hi = jnp.where(jnp.any(maybe, axis=-1), n - jnp.argmax(maybe[..., ::-1], axis=-1), 0)
+        lo = jnp.where(jnp.any(some, axis=-1), first(some), 0)
+        hi = jnp.where(jnp.any(some, axis=-1), n - jnp.argmax(some[..., ::-1], axis=-1), 0)
         full_lo = first(full)
         full_hi = first(~full & (index >= full_lo[..., None]))
         full_lo, full_hi = jnp.minimum(full_lo, hi), jnp.minimum(full_hi, hi)  # no full block: an empty run at hi
         return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
 
-    return ranges(maybe, full), ranges(jnp.swapaxes(maybe, 1, 2), jnp.swapaxes(full, 1, 2))
+    return ranges(some, full), ranges(jnp.swapaxes(some, 1, 2), jnp.swapaxes(full, 1, 2))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
