@@ -313,7 +313,10 @@ def parse(argv=None):
     p.add_argument("--max-context", action="store_true",
                    help="find the longest seq at --batch that fits one device (then run --steps steps at it)")
     p.add_argument("--memory-limit-gib", type=float, help="the memory --max-context fills (default: the device's limit)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.documents < 1 or args.documents > args.seq // 2:
+        p.error(f"--documents must be between 1 and --seq / 2, got {args.documents}")
+    return args
 
 
 def main(argv=None):

@@ -141,8 +141,9 @@ def shard_params(params: dict, m: Mesh) -> dict:
     return jax.device_put(params, param_shardings(params, m))
 
 
-def replicate(tree, m: Mesh):
-    return jax.device_put(tree, NamedSharding(m, P()))
+def replicate(tree, m: Mesh | None):
+    """Every leaf whole on every device of the mesh; the tree itself without one."""
+    return tree if m is None else jax.device_put(tree, NamedSharding(m, P()))
 
 
 def shard_model(model, m: Mesh):

@@ -15,8 +15,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 GSM8K_TRAIN = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
 
 
-def _free_port(ports=range(0, 1)) -> int:
-    """A free local port (any, or the first free one of `ports`)."""
+def _free_port(ports=(0,)) -> int:
+    """The first free local port of `ports` (0: any)."""
     for port in ports:
         with socket.socket() as s:
             try:

@@ -334,9 +334,7 @@ class GRPO:
                                             max_grad_norm=cfg.max_grad_norm)
         lr_at = schedule(cfg.learning_rate, total_updates, kind=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
         lora = jax.tree.map(jnp.array, self.lora)  # a private copy: the step donates its buffers
-        opt_state = optimizer.init(lora)
-        if self.mesh is not None:  # its counters too, so that a checkpoint restores onto the mesh
-            opt_state = sharding.replicate(opt_state, self.mesh)
+        opt_state = sharding.replicate(optimizer.init(lora), self.mesh)  # its counters too: restored there as well
         attn_impl = resolve_attention(self.model.config, packed=True)  # rows are left-padded prompts + completions
         step_fn = sharding.scoped(self.mesh, make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl))
         logprob_fn = sharding.scoped(self.mesh, jax.jit(completion_logprobs,

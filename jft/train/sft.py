@@ -157,9 +157,7 @@ class SFT:
         optimizer = self.optimizer or adamw(total_steps=steps, **self.opt_args)
         lr_at = schedule(self.opt_args["lr"], steps, kind=self.opt_args["schedule_kind"], warmup_steps=self.opt_args["warmup_steps"])
         lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
-        opt_state = optimizer.init(lora)
-        if self.mesh is not None:  # its counters too, so that a checkpoint restores onto the mesh
-            opt_state = sharding.replicate(opt_state, self.mesh)
+        opt_state = sharding.replicate(optimizer.init(lora), self.mesh)  # its counters too: restored there as well
         step_fn = sharding.scoped(self.mesh, make_sft_step(self.model.config, optimizer, remat=self.remat,
                                                            grad_accum=self.grad_accum, attn_impl=self.attention))
 
