@@ -101,13 +101,16 @@ def gather_layer(layer: dict) -> dict:
     cannot split a Pallas kernel such as the NF4 dequantize; asking for whole matrices here makes
     the gather per layer, of the 4-bit bytes, and recomputed in the backward pass under remat. The
     optimization barrier stops XLA from giving the whole stacked weight the layout the gather wants,
-    which costs a copy of every weight outside the loop. No-op outside a mesh with fsdp > 1.
+    which costs a copy of every weight outside the loop. NF4 views (`NF4Layer`) are sliced out of
+    their stack first. No-op outside a mesh with fsdp > 1.
     """
-    from jft.quant import is_quantized
+    from jft.quant import NF4Layer, is_quantized
 
     m = jax.sharding.get_abstract_mesh()
     if m.empty or m.shape.get("fsdp", 1) == 1:
         return layer
+
+    layer = {name: leaf.sliced() if isinstance(leaf, NF4Layer) else leaf for name, leaf in layer.items()}
 
     def whole(path, leaf):
         if is_quantized(leaf):

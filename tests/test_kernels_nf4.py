@@ -1,6 +1,7 @@
 """Pallas NF4 kernels (interpret mode on CPU) against the jnp reference."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,3 +92,29 @@ def test_unsupported_shapes_fall_back_or_raise():
     odd_block = random_nf4((4, 48), blocksize=48)
     with pytest.raises(ValueError, match="power-of-two blocksize"):
         kernels.dequantize(odd_block, impl="pallas", interpret=True)
+
+
+def _pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _pallas_calls(sub)
+
+
+def test_layer_scan_dequantizes_nf4_layers_in_place(tmp_path):
+    """Inside the decoder's layer scan, every Pallas dequantize reads its layer from the whole stacked
+    bytes: slicing the layer out first (as scan does with its inputs) would copy it on the GPU."""
+    import jft
+    from jft.nn.transformer import forward_hidden
+    from tests.tiny_models import save_hf_model
+
+    save_hf_model("llama", tmp_path)
+    model = jft.load(str(tmp_path), dtype="float32", quantize="nf4")
+    stacked = {leaf.packed.size for leaf in model.params["layers"].values() if hasattr(leaf, "packed")}
+    ids = jnp.zeros((1, 8), jnp.int32)
+    positions = jnp.arange(8)[None]
+    with jft.kernels.use("pallas"):
+        jaxpr = jax.make_jaxpr(lambda p: forward_hidden(model.config, p, ids, positions, jnp.ones_like(ids)))(model.params)
+    reads = [v.aval.size for eqn in _pallas_calls(jaxpr.jaxpr) for v in eqn.invars if v.aval.dtype == jnp.uint8]
+    assert len(reads) == 7 and set(reads) <= stacked, reads

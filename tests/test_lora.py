@@ -81,10 +81,11 @@ def test_lora_gradients_equal_peft(family, tmp_path):
         np.testing.assert_allclose(g, ref, atol=1e-4 * scale, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
-def test_qlora_gradients_equal_peft_on_bitsandbytes_weights(remat, tmp_path):
+@pytest.mark.parametrize("remat, kernels", [("none", "auto"), ("full", "auto"), ("save_dots", "auto"), ("full", "pallas")])
+def test_qlora_gradients_equal_peft_on_bitsandbytes_weights(remat, kernels, tmp_path):
     """jft's NF4 matmul (which dequantizes again in the backward pass) against PEFT over
-    transformers holding bitsandbytes' own dequantization of the same 4-bit checkpoint."""
+    transformers holding bitsandbytes' own dequantization of the same 4-bit checkpoint; with
+    "pallas", the layer scan's NF4 views go through the Pallas dequantize (interpret mode)."""
     save_hf_model("llama", tmp_path / "fp32")
     bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
     bnb.save_pretrained(tmp_path / "bnb")
@@ -95,7 +96,8 @@ def test_qlora_gradients_equal_peft_on_bitsandbytes_weights(remat, tmp_path):
     save_lora(model, lora, tmp_path / "adapter")
     ids, labels = _batch(model.config.vocab_size)
 
-    loss, grads = _jft_grads(model, lora, ids, labels, remat)
+    with jft.kernels.use(kernels):
+        loss, grads = _jft_grads(model, lora, ids, labels, remat)
     peft_loss, peft_grads = _peft_grads(tmp_path / "dequantized", tmp_path / "adapter", ids, labels)
     assert abs(loss - peft_loss) < 1e-5 * abs(peft_loss)
     for name, g in adapter_tensors(model, grads)[0].items():

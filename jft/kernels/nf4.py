@@ -53,13 +53,14 @@ def _check_pallas_blocksize(q: NF4) -> None:
 # ----------------------------------------------------------------------------------- dequantize
 
 
-def dequantize_reference(q: NF4, dtype=None) -> jax.Array:
-    return dequantize_nf4(q, dtype)
+def dequantize_reference(q: NF4, dtype=None, layer=None) -> jax.Array:
+    return dequantize_nf4(q if layer is None else _layer(q, layer), dtype)
 
 
-def _dequantize_kernel(table_ref, packed_ref, absmax_ref, *rest):
+def _dequantize_kernel(table_ref, first_ref, packed_ref, absmax_ref, *rest):
     out_ref = rest[-1]  # rest = (out,) or (aliased out, out)
-    byte = packed_ref[...].astype(jnp.int32)
+    rows = out_ref.shape[0]
+    byte = packed_ref[pl.ds(first_ref[0] + pl.program_id(0) * rows, rows), :].astype(jnp.int32)
     scale = absmax_ref[...]
     first = _decode(table_ref, byte >> 4) * scale
     second = _decode(table_ref, byte & 0xF) * scale
@@ -67,27 +68,30 @@ def _dequantize_kernel(table_ref, packed_ref, absmax_ref, *rest):
     out_ref[...] = interleaved.astype(out_ref.dtype)
 
 
-def _dequantize_blocks(packed2d, absmax2d, dtype, interpret, out_init=None):
-    """packed2d uint8 [nb, bs/2], absmax2d f32 [nb, 1] -> [nb, bs] in `dtype`.
+def _dequantize_blocks(packed2d, absmax2d, dtype, interpret, first_block=0, out_init=None):
+    """Blocks first_block.. of packed2d (uint8 [N, bs/2], read in place) with absmax2d (f32 [nb, 1])
+    -> [nb, bs] in `dtype`.
 
+    Each program takes a power-of-two run of blocks that divides nb, so none reads past its matrix.
     With `out_init` ([nb, bs], aliased to the output) every element the kernel fails to write keeps
     its initial value; the tests pass NaNs to prove full coverage."""
-    n_blocks, half = packed2d.shape
-    blocks_per_program = min(registry.next_pow2(n_blocks), max(1, _TILE_ELEMENTS // (2 * half)))
+    n_blocks, half = absmax2d.shape[0], packed2d.shape[1]
+    blocks_per_program = _largest_pow2_divisor(n_blocks, max(1, _TILE_ELEMENTS // (2 * half)))
     in_specs = [
         pl.BlockSpec((16,), lambda i: (0,)),
-        pl.BlockSpec((blocks_per_program, half), lambda i: (i, 0)),
+        pl.BlockSpec((1,), lambda i: (0,)),
+        pl.BlockSpec(),  # whole: programs read their rows at first_block + offset
         pl.BlockSpec((blocks_per_program, 1), lambda i: (i, 0)),
     ]
-    operands = [jnp.asarray(NF4_CODES), packed2d, absmax2d]
+    operands = [jnp.asarray(NF4_CODES), jnp.reshape(first_block, (1,)).astype(jnp.int32), packed2d, absmax2d]
     aliases = {}
     if out_init is not None:
         in_specs.append(pl.BlockSpec((blocks_per_program, 2 * half), lambda i: (i, 0)))
         operands.append(out_init)
-        aliases = {3: 0}
+        aliases = {4: 0}
     return pl.pallas_call(
         _dequantize_kernel,
-        grid=(registry.cdiv(n_blocks, blocks_per_program),),
+        grid=(n_blocks // blocks_per_program,),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((blocks_per_program, 2 * half), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct((n_blocks, 2 * half), dtype),
@@ -101,24 +105,39 @@ def _blocked_operands(q: NF4) -> tuple[jax.Array, jax.Array]:
     """(packed [B*nb, bs/2] (a ragged last block zero-padded), absmax f32 [B*nb, 1]): the blocks of
     all stacked matrices, one after another, since every block is dequantized on its own."""
     batch = max(1, math.prod(q.batch_shape))
-    half = q.blocksize // 2
-    packed = q.packed.reshape(batch, -1)
-    missing = q.n_blocks * half - packed.shape[-1]
-    if missing:
-        packed = jnp.pad(packed, ((0, 0), (0, missing)))
-    absmax = block_absmax(q).reshape(batch * q.n_blocks, 1)
-    return packed.reshape(batch * q.n_blocks, half), absmax
+    return _packed_blocks(q).reshape(batch * q.n_blocks, q.blocksize // 2), block_absmax(q).reshape(batch * q.n_blocks, 1)
 
 
-def dequantize_pallas(q: NF4, dtype=None, interpret: bool | None = None) -> jax.Array:
-    """Pallas NF4 dequantize; same result as `dequantize_reference`, bit for bit."""
+def _packed_blocks(q: NF4) -> jax.Array:
+    """packed as [B, nb * bs/2], a ragged last block zero-padded (a copy only then)."""
+    packed = q.packed.reshape(max(1, math.prod(q.batch_shape)), -1)
+    missing = q.n_blocks * (q.blocksize // 2) - packed.shape[-1]
+    return jnp.pad(packed, ((0, 0), (0, missing))) if missing else packed
+
+
+def _layer(q: NF4, layer) -> NF4:
+    return jax.tree.map(lambda c: c[layer], q)
+
+
+def dequantize_pallas(q: NF4, dtype=None, interpret: bool | None = None, layer=None) -> jax.Array:
+    """Pallas NF4 dequantize; same result as `dequantize_reference`, bit for bit. With `layer` (an
+    int, may be traced) only that matrix of a stacked leaf: the kernel reads its bytes in place,
+    where slicing them out first (as `lax.scan` does with its inputs) would copy them."""
     _check_pallas_blocksize(q)
     dtype = q.dtype if dtype is None else jnp.dtype(dtype)
     interpret = registry.interpret() if interpret is None else interpret
-    packed, absmax = _blocked_operands(q)
-    blocks = _dequantize_blocks(packed, absmax, dtype, interpret)
-    batch = max(1, math.prod(q.batch_shape))
-    return blocks.reshape(batch, -1)[:, : q.rows * q.cols].reshape(q.shape)
+    if layer is None:
+        packed, absmax = _blocked_operands(q)
+        blocks = _dequantize_blocks(packed, absmax, dtype, interpret)
+        batch = max(1, math.prod(q.batch_shape))
+        return blocks.reshape(batch, -1)[:, : q.rows * q.cols].reshape(q.shape)
+    one = _layer(q, layer)
+    if q.rows * q.cols % q.blocksize:  # ragged: padding copies the matrix anyway
+        return dequantize_pallas(one, dtype, interpret)
+    packed = q.packed.reshape(-1, q.blocksize // 2)
+    absmax = block_absmax(one).reshape(q.n_blocks, 1)
+    blocks = _dequantize_blocks(packed, absmax, dtype, interpret, first_block=layer * q.n_blocks)
+    return blocks.reshape(q.rows, q.cols)
 
 
 registry.register("nf4_dequantize", dequantize_reference)
@@ -126,15 +145,16 @@ registry.register("nf4_dequantize", dequantize_reference)
 registry.register_pallas("nf4_dequantize", dequantize_pallas, auto_backends=("gpu",))
 
 
-def dequantize(q: NF4, dtype=None, impl: str | None = None, interpret: bool | None = None) -> jax.Array:
-    """Dense `q.shape` array. impl None follows jft.kernels' mode; "reference" or "pallas" force one."""
+def dequantize(q: NF4, dtype=None, impl: str | None = None, interpret: bool | None = None, layer=None) -> jax.Array:
+    """Dense `q.shape` array (with `layer`: that matrix of a stacked leaf). impl None follows
+    jft.kernels' mode; "reference" or "pallas" force one."""
     if impl is None:
         fn = registry.implementation("nf4_dequantize")
-        return dequantize_pallas(q, dtype, interpret) if fn is dequantize_pallas else fn(q, dtype)
+        return dequantize_pallas(q, dtype, interpret, layer) if fn is dequantize_pallas else fn(q, dtype, layer)
     if impl == "reference":
-        return dequantize_reference(q, dtype)
+        return dequantize_reference(q, dtype, layer)
     if impl == "pallas":
-        return dequantize_pallas(q, dtype, interpret)
+        return dequantize_pallas(q, dtype, interpret, layer)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 

@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jft.config import Config, Rope
 from jft.kernels import nf4 as nf4_kernels
-from jft.quant import NF4, is_quantized
+from jft.quant import NF4, NF4Layer, is_quantized
 
 
 def rms_norm(x, w, eps: float, offset: float = 0.0):
@@ -26,6 +26,8 @@ def dense(w, dtype):
     registry: Pallas on GPU, the jnp reference elsewhere)."""
     if isinstance(w, NF4):
         return nf4_kernels.dequantize(w, dtype)
+    if isinstance(w, NF4Layer):
+        return nf4_kernels.dequantize(w.stack, dtype, layer=w.index)
     if hasattr(w, "dequantize"):
         return w.dequantize(dtype)
     return w.astype(dtype)

@@ -16,6 +16,7 @@ from jft.config import Config
 from jft.kernels.attention import attention_pallas as flash_attention
 from jft.nn import attention as attn
 from jft.nn.layers import QUANTIZED_DOT, activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
+from jft.quant import NF4, NF4Layer
 from jft.sharding import gather_layer
 
 # "full" recomputes each layer in the backward pass from its input, kept on the device; "offload"
@@ -283,14 +284,18 @@ def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *,
     lora_on = None if lora_cfg is None else jnp.asarray(lora_cfg.layer_mask(c.num_layers))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.num_layers)
 
+    nf4_stacks = {name: leaf for name, leaf in params["layers"].items() if isinstance(leaf, NF4)}
+    scanned = {name: leaf for name, leaf in params["layers"].items() if name not in nf4_stacks}
+
     def body(x, xs):
-        lp, ll, on, sl, kv, key = xs
-        lp = gather_layer(lp)
+        lp, ll, on, sl, kv, key, index = xs
+        lp = gather_layer({**lp, **{name: NF4Layer(stack, index) for name, stack in nf4_stacks.items()}})
         x, new_kv = _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, on, sl, rope_g, rope_l, q_meta, k_meta, kv, cache_index, key)
         return x, new_kv
 
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, new_kv = jax.lax.scan(_remat(body, remat), x, (params["layers"], layer_lora, lora_on, sliding, kv, layer_keys))
+    xs = (scanned, layer_lora, lora_on, sliding, kv, layer_keys, jnp.arange(c.num_layers))
+    x, new_kv = jax.lax.scan(_remat(body, remat), x, xs)
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_offset)
     if cache is not None:
         cache = {**cache, "k": new_kv[0], "v": new_kv[1]}

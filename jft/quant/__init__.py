@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from jft.quant.fp8 import FP8, dequantize_fp8, quantize_fp8
-from jft.quant.nf4 import NF4, dequantize_nf4, quantize_nf4
+from jft.quant.nf4 import NF4, NF4Layer, dequantize_nf4, quantize_nf4
 
-QUANTIZED_TYPES = (NF4, FP8)
+QUANTIZED_TYPES = (NF4, NF4Layer, FP8)
 METHODS = ("nf4", "fp8")
 
 
@@ -56,6 +56,7 @@ def param_bytes(tree) -> int:
 __all__ = [
     "FP8",
     "NF4",
+    "NF4Layer",
     "dequantize",
     "dequantize_fp8",
     "dequantize_nf4",

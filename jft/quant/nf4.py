@@ -154,6 +154,35 @@ class NF4:
         return f"NF4(shape={self.shape}, dtype={self.dtype_name}, blocksize={self.blocksize}{dq})"
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stack", "index"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class NF4Layer:
+    """Matrix `index` of a stacked NF4 leaf, left in the stack. The decoder's layer scan hands these
+    to the projections: slicing the layer out (as scan does with its inputs) would copy its bytes
+    before every dequantize, which reads them in place instead."""
+
+    stack: NF4
+    index: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stack.shape[-2:]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.stack.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.stack.nbytes // math.prod(self.stack.batch_shape)
+
+    def sliced(self) -> NF4:
+        return jax.tree.map(lambda c: c[self.index], self.stack)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        return self.sliced().dequantize(dtype)
+
+
 def _array_nbytes(x) -> int:
     return int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
