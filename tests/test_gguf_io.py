@@ -100,6 +100,20 @@ def test_every_key_and_tensor_reads_back_exactly(tmp_path):
     assert os.listdir(tmp_path) == ["model.gguf"]
 
 
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """Readable by others under a 022 umask, as llama.cpp or Ollama running as another user need."""
+    from jft.convert.safetensors_io import save_file
+
+    previous = os.umask(0o022)
+    try:
+        write_gguf(tmp_path / "model.gguf", KV, _tensors())
+        save_file({"w": np.zeros(3, np.float32)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    for name in ("model.gguf", "w.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_generator_and_lazy_tensors_give_the_same_file(tmp_path):
     tensors = _tensors()
     write_gguf(tmp_path / "list.gguf", KV, tensors)

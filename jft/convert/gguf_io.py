@@ -21,6 +21,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from jft.convert.safetensors_io import atomic_write
+
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
@@ -323,23 +325,17 @@ def write_gguf(
     path = os.fspath(path)
     kv_blob, n_kv = _encode_metadata(kv, alignment)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     bar = _Progress(None, os.path.basename(path), progress)
+
+    def write(f):
+        if isinstance(tensors, Sequence):
+            _write_from_sequence(f, kv_blob, n_kv, [_as_tensor(t) for t in tensors], alignment, bar)
+        else:
+            _write_from_iterator(f, kv_blob, n_kv, iter(tensors), alignment, bar, directory)
+        f.flush()
+        os.fsync(f.fileno())
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(tensors, Sequence):
-                _write_from_sequence(f, kv_blob, n_kv, [_as_tensor(t) for t in tensors], alignment, bar)
-            else:
-                _write_from_iterator(f, kv_blob, n_kv, iter(tensors), alignment, bar, directory)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        atomic_write(path, write)
     finally:
         bar.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+import secrets
 from collections.abc import Iterable, Mapping
 
 import ml_dtypes
@@ -98,9 +98,11 @@ def atomic_write(path: str | os.PathLike, write_fn, mode: str = "wb") -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    # a fresh name opened exclusively, not mkstemp: its files are private (0600) whatever the umask
+    tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+    f = open(tmp, mode.replace("w", "x"))
     try:
-        with os.fdopen(fd, mode) as f:
+        with f:
             write_fn(f)
         os.replace(tmp, path)
     except BaseException:
