@@ -75,6 +75,7 @@ def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_l
     dtype: the dtype of dense params and of activations. quantize: None, "nf4" or "fp8" (frozen
     linear weights are quantized on load, tensor by tensor).
     """
+    dtype = _float_dtype(dtype)
     path = resolve_path(path_or_id)
     raw, _ = read_config_json(path)
     if raw.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
@@ -88,11 +89,21 @@ def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_l
 
         if quantize not in quant.METHODS:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {quant.METHODS}")
-        quantizer = functools.partial(quant.quantize, method=quantize, dtype=jnp.dtype(dtype))
-    params = hf.load_params(path, config, dtype=jnp.dtype(dtype), quantize=quantizer,
+        quantizer = functools.partial(quant.quantize, method=quantize, dtype=dtype)
+    params = hf.load_params(path, config, dtype=dtype, quantize=quantizer,
                             quantization_config=raw.get("quantization_config"), progress=progress)
     tok = _load_tokenizer(path) if tokenizer else None
     return Model(config, params, tok, path, raw, max_seq_length)
+
+
+def _float_dtype(dtype) -> jnp.dtype:
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    return d
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attn_impl"))

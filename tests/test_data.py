@@ -306,6 +306,9 @@ def test_missing_fields_name_the_fields_and_the_row():
         D.to_conversations([{"conversations": [{"from": "alien", "value": "q"}]}])
     with pytest.raises(ValueError, match=r"row 0 is missing field\(s\) 'question', 'answer'"):
         D.to_conversations([{"foo": 1}], format="gsm8k")
+    # a datasets column absent from this row comes as None: not listed among the row's fields
+    with pytest.raises(ValueError, match=r"'output' needed by the 'alpaca' format \(row has: \['instruction'\]\)"):
+        D.to_conversations([{"instruction": "a", "output": None}])
     with pytest.raises(ValueError, match="cannot tell the dataset format.*'foo'"):
         D.to_conversations([{"foo": 1}])
     with pytest.raises(ValueError, match="unknown dataset format 'xml'"):

@@ -127,6 +127,13 @@ def test_unknown_model_type_is_reported(llama_dir):
         jft.load(str(llama_dir))
 
 
+def test_unsupported_dtype_is_reported(llama_dir):
+    with pytest.raises(ValueError, match="dtype must be bfloat16, float16 or float32, got 'float8'"):
+        jft.load(str(llama_dir), dtype="float8")
+    with pytest.raises(ValueError, match="got 'int8'"):
+        jft.load(str(llama_dir), dtype="int8")
+
+
 def test_missing_directory_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not found"):
         jft.load(str(tmp_path / "nowhere"))

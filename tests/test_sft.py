@@ -158,6 +158,30 @@ def test_nan_loss_stops_with_clear_error(tiny, tmp_path):
         jft.train.SFT(tiny, bad, max_seq_length=384, batch_size=2, progress=False).fit(_gsm8k_rows("train", 8), steps=3)
 
 
+def test_bad_arguments_are_reported_when_the_trainer_is_made(tiny):
+    lora = jft.lora.init(tiny, r=2)
+    for bad in (0, -1, 8.5):
+        with pytest.raises(ValueError, match="max_seq_length must be a positive integer"):
+            jft.train.SFT(tiny, lora, max_seq_length=bad)
+    with pytest.raises(ValueError, match="unknown remat policy 'bogus'"):
+        jft.train.SFT(tiny, lora, remat="bogus")
+    with pytest.raises(ValueError, match="no LoRA targets"):
+        jft.lora.init(tiny, r=2, targets=[])
+
+
+def test_fewer_packed_rows_than_a_batch_still_train(tiny):
+    """As unpacked batches do, a short packed batch is filled with all-padding rows."""
+    samples = _samples(tiny.config.vocab_size, [9, 14, 6])  # one packed row of 32
+    trainer = jft.train.SFT(tiny, _lora(tiny), max_seq_length=32, batch_size=2, packing=True, progress=False)
+    state = trainer.fit(samples, epochs=1)
+    assert state.step == 1 and np.isfinite(state.history[-1]["loss"])
+    packed = jft.data.pack(samples, 32)
+    loss = jax.jit(lambda batch: loss_and_grads(tiny.config, tiny.params, state.lora, batch, remat="none")[0])
+    filled = {k: np.concatenate([v, jft.data.packing.empty_rows(1, 32, 0)[k]]) for k, v in packed.items()}
+    alone, filled = ({k: jnp.asarray(v)[None] for k, v in b.items()} for b in (packed, filled))
+    assert abs(float(loss(alone)) - float(loss(filled))) < 1e-6
+
+
 def test_bad_datasets_are_reported(tiny):
     trainer = jft.train.SFT(tiny, jft.lora.init(tiny, r=2), max_seq_length=64, progress=False)
     with pytest.raises(ValueError, match="empty"):

@@ -75,8 +75,15 @@ def _require(row, fields, fmt, index):
         where = f"row {index}" if index is not None else "row"
         raise ValueError(
             f"{where} is missing field(s) {', '.join(repr(f) for f in missing)} needed by the "
-            f"{fmt!r} format (row has: {sorted(row) if isinstance(row, dict) else type(row).__name__})"
+            f"{fmt!r} format (row has: {_filled_fields(row)})"
         )
+
+
+def _filled_fields(row) -> str:
+    """The row's fields that hold a value (a column a dataset lacks in this row comes as None)."""
+    if not isinstance(row, dict):
+        return type(row).__name__
+    return str(sorted(k for k, v in row.items() if v is not None))
 
 
 def _text(value, field, index):

@@ -75,7 +75,8 @@ def _best_fit_decreasing(lengths, capacity):
     return rows
 
 
-def _empty_rows(count, width, pad_id):
+def empty_rows(count, width, pad_id):
+    """count all-padding rows: no label tokens (no effect on a token-mean loss), segment 0."""
     return {
         "input_ids": np.full((count, width), pad_id, dtype=np.int32),
         "labels": np.full((count, width), IGNORE_INDEX, dtype=np.int32),
@@ -93,7 +94,7 @@ def pack(examples, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     _check_positive("seq_len", seq_len)
     pieces = _split_long(_check_examples(examples), seq_len)
     rows = _best_fit_decreasing([len(ids) for ids, _ in pieces], seq_len)
-    out = _empty_rows(len(rows), seq_len, pad_id)
+    out = empty_rows(len(rows), seq_len, pad_id)
     for r, members in enumerate(rows):
         cursor = 0
         for segment, i in enumerate(members, start=1):
@@ -138,7 +139,7 @@ def _batch_order(pairs, batch_size, shuffle, seed, group_by_length):
 
 def _padded_batch(members, pairs, batch_size, buckets, pad_id):
     width = bucket_length(max(len(pairs[i][0]) for i in members), buckets)
-    out = _empty_rows(batch_size, width, pad_id)
+    out = empty_rows(batch_size, width, pad_id)
     for r, i in enumerate(members):
         ids, labels = pairs[i]
         out["input_ids"][r, : len(ids)] = ids

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from jft import data as jdata
 from jft import sharding
+from jft.data.packing import empty_rows
 from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
-from jft.nn.transformer import resolve_attention
+from jft.nn.transformer import REMAT_POLICIES, resolve_attention
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
 
@@ -48,10 +49,10 @@ def _batch_stream(examples, *, batch_size, seq_len, packing, pad_id, seed, start
         if packing:
             packed = jdata.pack(examples, seq_len, pad_id=pad_id)
             rows = np.random.default_rng(seed + epoch).permutation(len(packed["input_ids"]))
-            epoch_batches = [{k: v[rows[i : i + batch_size]] for k, v in packed.items()}
-                             for i in range(0, len(rows) - batch_size + 1, batch_size)]
-            if not epoch_batches:
-                raise ValueError(f"{len(rows)} packed rows cannot fill a batch of {batch_size}")
+            fill = empty_rows(-len(rows) % batch_size, seq_len, pad_id)  # a short last batch, as unpacked
+            packed = {k: np.concatenate([v[rows], fill[k]]) for k, v in packed.items()}
+            epoch_batches = [{k: v[i : i + batch_size] for k, v in packed.items()}
+                             for i in range(0, len(packed["input_ids"]), batch_size)]
         else:
             epoch_batches = list(jdata.batches(examples, batch_size, pad_id=pad_id, shuffle=True, seed=seed + epoch,
                                                buckets=_buckets(seq_len)))
@@ -71,9 +72,8 @@ def _buckets(max_len: int) -> tuple[int, ...]:
 
 
 def _steps_per_epoch(examples, batch_size, seq_len, packing, pad_id) -> int:
-    if packing:
-        return max(len(jdata.pack(examples, seq_len, pad_id=pad_id)["input_ids"]) // batch_size, 1)
-    return math.ceil(len(examples) / batch_size)
+    rows = len(jdata.pack(examples, seq_len, pad_id=pad_id)["input_ids"]) if packing else len(examples)
+    return math.ceil(rows / batch_size)
 
 
 class SFT:
@@ -90,6 +90,10 @@ class SFT:
                  remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
                  log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto",
                  offload_embedding: bool = False):
+        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
         self.mesh = mesh
         sharding.check_rows(batch_size, mesh, f"batch_size={batch_size} rows")
         if mesh is not None:
@@ -149,6 +153,8 @@ class SFT:
         if (steps is None) == (epochs is None):
             raise ValueError("give exactly one of steps or epochs")
         examples = self.tokenize(dataset)
+        if not len(examples):
+            raise ValueError("the dataset has no examples")
         eval_examples = self.tokenize(eval_dataset) if eval_dataset is not None else None
         pad_id = self._pad_id()
         rows = self.batch_size * self.grad_accum
@@ -250,7 +256,7 @@ def offload_embedding_table(model, lora) -> np.ndarray:
         raise ValueError("offload_embedding needs an untied lm_head: this model's output projection is its token "
                          "embedding, which the loss reads on the device")
     if "embed" in lora.weights:
-        raise ValueError("offload_embedding keeps the embedding frozen; this LoRA trains it (drop 'embed' from its targets)")
+        raise ValueError("offload_embedding keeps the embedding frozen; this LoRA trains it (make it with train_embeddings=False)")
     embed = model.params["embed"]
     table = np.asarray(jax.device_get(dense(embed, embed.dtype)))
     model.params["embed"] = table
