@@ -90,6 +90,7 @@ class _Config(NamedTuple):
     block_q_bwd: int
     block_k_bwd: int
     num_warps: int
+    stages: int  # software-pipeline depth of the forward and dq loops (dk/dv: 2, more exceeds shared memory)
 
 
 def _visible(q_pos, q_seg, k_pos, k_seg, window):
@@ -259,14 +260,14 @@ def _block_ranges(qp, kp, qs, ks, bq, bk, window):
     return ranges(some, full), ranges(jnp.swapaxes(some, 1, 2), jnp.swapaxes(full, 1, 2))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
+def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name, stages):
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=stages),
         interpret=registry.interpret(),
         name=name,
     )
@@ -286,7 +287,7 @@ def _flash_forward(q, k, v, qp, kp, qs, ks, cfg):
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
     return _call(
         _forward_kernel, (b, hq, t // bq), [q_spec, kv_spec, kv_spec, q_ids, k_ids, q_ids, k_ids, q_range],
-        [q_spec, lse_spec], out_shape, cfg, "flash_attention_fwd",
+        [q_spec, lse_spec], out_shape, cfg, "flash_attention_fwd", cfg.stages,
     )(q, k, v, qp, kp, qs, ks, key_ranges)
 
 
@@ -306,7 +307,7 @@ def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
     dq = _call(
         _dq_kernel, (b, hq, t // bq),
         [q_spec, kv_all, kv_all, q_ids, k_all_ids, q_ids, k_all_ids, q_spec, row_stat, row_stat, block_range],
-        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, "flash_attention_dq",
+        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, "flash_attention_dq", cfg.stages,
     )(q, k, v, qp, kp, qs, ks, do, lse, delta, key_ranges)
 
     q_group = pl.BlockSpec((None, t, group, hd), lambda b_, h, j: (b_, 0, h, 0))
@@ -318,7 +319,7 @@ def _flash_backward(q, k, v, qp, kp, qs, ks, o, lse, do, cfg):
         _dkv_kernel, (b, hkv, s // bk),
         [q_group, kv_spec, kv_spec, q_all_ids, k_ids, q_all_ids, k_ids, q_group, group_stat, group_stat, block_range],
         [kv_spec, kv_spec], [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        cfg, "flash_attention_dkv",
+        cfg, "flash_attention_dkv", 2,
     )(q, k, v, qp, kp, qs, ks, do, lse, delta, q_ranges)
     return dq, dk, dv
 
@@ -368,12 +369,14 @@ def attention_pallas(
         scale=float(hd**-0.5 if scale is None else scale),
         window=None if window is None else int(window),
         softcap=None if softcap is None else float(softcap),
-        # the fastest of a sweep on the H200 (docs/benchmarks.md); wider tiles exceed shared memory at hd 256
+        # the fastest of a sweep on the H200 (docs/benchmarks.md); wider tiles or deeper pipelines
+        # exceed shared memory at hd 256
         block_q=_block(block_q or 128, t),
-        block_k=_block(block_k or (64 if wide else 128), s),
+        block_k=_block(block_k or 64, s),
         block_q_bwd=_block(block_q_bwd or (64 if wide else 128), t),
         block_k_bwd=_block(block_k_bwd or 64, s),
         num_warps=4 if hd_padded <= 64 else 8,
+        stages=2 if wide else 3,
     )
     t_pad = cdiv(t, max(cfg.block_q, cfg.block_q_bwd)) * max(cfg.block_q, cfg.block_q_bwd)
     s_pad = cdiv(s, max(cfg.block_k, cfg.block_k_bwd)) * max(cfg.block_k, cfg.block_k_bwd)
