@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,11 +16,24 @@ def _generate(args) -> int:
         from jft.convert import peft
 
         lora = peft.load_lora(model, args.lora)
-    out = jft.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    prompts = args.prompt if args.raw else [_chat_prompt(model.tokenizer, p, args.template) for p in args.prompt]
+    out = jft.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, lora=lora)
     for prompt, text in zip(args.prompt, out.text):
         print(f"### {prompt}\n{text}\n")
     return 0
+
+
+def _chat_prompt(tokenizer, prompt: str, template: str | None):
+    """The prompt as a user turn of the chat template (as `jft train` formats examples) in token ids;
+    the plain text where there is no template (a base model, and no --template)."""
+    from jft.data import render
+
+    has_template = template is not None or getattr(tokenizer, "chat_template", None)
+    if tokenizer is None or not has_template:
+        return prompt
+    text = render([{"role": "user", "content": prompt}], tokenizer, template, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 _TRAIN_DEFAULTS = dict(quantize=None, dtype="bfloat16", r=16, alpha=16.0, dropout=0.0, targets="all-linear",
@@ -69,7 +83,12 @@ def _train_options(args) -> dict:
         import yaml
 
         with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{args.config} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config} must hold a mapping of option: value")
         unknown = set(loaded) - set(_TRAIN_DEFAULTS) - {"model", "dataset", "out"}
         if unknown:
             raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}")
@@ -78,9 +97,16 @@ def _train_options(args) -> dict:
     for required in ("model", "dataset", "out"):
         if not opts.get(required):
             raise ValueError(f"--{required} is required (on the command line or in --config)")
+    _check_out_dir(opts["out"])
     if opts["steps"] is None and opts["epochs"] is None:
         opts["epochs"] = 1
     return opts
+
+
+def _check_out_dir(out: str) -> None:
+    """Before anything loads: --out must be a directory or creatable as one."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a directory")
 
 
 def _train(args) -> int:
@@ -164,7 +190,10 @@ def _reward_fns(specs):
             fns.extend(BUILTIN[spec])
         elif ":" in spec:
             module, name = spec.split(":", 1)
-            fns.append(getattr(importlib.import_module(module), name))
+            try:
+                fns.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError) as e:
+                raise ValueError(f"reward {spec!r} cannot be loaded: {e}") from None
         else:
             raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN)} or module:function")
     return fns
@@ -176,6 +205,20 @@ def _grpo(args) -> int:
     import jft
     from jft.rl import GRPO, GRPOConfig, gsm8k_prompts
 
+    rewards = _reward_fns(args.reward)
+    try:
+        weights = tuple(float(w) for w in args.reward_weights.split(",")) if args.reward_weights else None
+    except ValueError:
+        raise ValueError(f"--reward-weights takes numbers separated by commas, got {args.reward_weights!r}") from None
+    cfg = GRPOConfig(
+        prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+        micro_batch_size=args.micro_batch_size, num_iterations=args.num_iterations, learning_rate=args.lr,
+        beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level, scale_rewards=args.scale_rewards,
+        reward_weights=weights, max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, out_dir=args.out,
+        checkpoint_every=args.checkpoint_every, seed=args.seed)
+    _check_out_dir(args.out)
     _start_distributed(args.distributed)
     mesh = _mesh(args.mesh)
     model = jft.load(args.model, dtype=args.dtype, quantize=args.quantize)
@@ -185,21 +228,12 @@ def _grpo(args) -> int:
     rows = [dict(r) for r in jft.data.load(args.dataset, split=args.split)]
     if rows and "prompt" not in rows[0] and {"question", "answer"} <= set(rows[0]):
         rows = gsm8k_prompts(rows)  # GSM8K layout: system prompt asking for <reasoning>/<answer>
-    weights = tuple(float(w) for w in args.reward_weights.split(",")) if args.reward_weights else None
-    cfg = GRPOConfig(
-        prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
-        micro_batch_size=args.micro_batch_size, num_iterations=args.num_iterations, learning_rate=args.lr,
-        beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-        importance_sampling_level=args.importance_sampling_level, scale_rewards=args.scale_rewards,
-        reward_weights=weights, max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, out_dir=args.out,
-        checkpoint_every=args.checkpoint_every, seed=args.seed)
     engine = None
     if args.engine == "vllm":
         from jft.rl.vllm_engine import VllmEngine
 
         engine = VllmEngine(model, lora, max_model_len=args.max_prompt_length + args.max_completion_length)
-    trainer = GRPO(model, lora, _reward_fns(args.reward), engine=engine, config=cfg, mesh=mesh)
+    trainer = GRPO(model, lora, rewards, engine=engine, config=cfg, mesh=mesh)
     state = trainer.fit(rows, steps=args.steps, resume=args.resume)
     _save_adapter(model, state.lora, args.out, "reward.png")
     return 0
@@ -218,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     g.add_argument("--lora", help="a PEFT adapter directory")
+    g.add_argument("--template", help="chat template (chatml, llama-3, ...) for a model whose tokenizer has none")
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -331,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"jft: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (with --checkpoint-every, --resume continues from the last checkpoint)"
+        print(f"jft: interrupted{hint if args.command in ('train', 'grpo') else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def init(model, r: int = 16, alpha: float = 16.0, targets=TARGETS, *, dropout: f
     """PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0; fp32."""
     if r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
     config = LoraConfig(r=r, alpha=float(alpha), targets=normalize_targets(targets), dropout=float(dropout),
                         use_rslora=use_rslora, layers=None if layers is None else tuple(int(i) for i in layers),
                         train_embeddings=train_embeddings)

@@ -178,6 +178,11 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
     Generation of a row ends at an EOS token; texts are also cut at the first `stop` string.
     For a vision-language model, prompts are chat messages with images (see `jft.vlm.generate`).
     """
+    from jft.rl.engine import SamplingParams
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)  # checks them
     if hasattr(model.config, "vision"):
         from jft.vlm.generate import generate as generate_with_images
 

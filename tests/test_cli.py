@@ -65,3 +65,42 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
     assert r.returncode == 2 and "--out is required" in r.stderr
     r = _jft("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--distributed", "2,0")
     assert r.returncode == 2 and "--distributed takes" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "bad.yaml").write_text("model: [base\n")
+    (tmp_path / "list.yaml").write_text("- model\n")
+    cases = [
+        (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "afile")), "exists and is not a directory"),
+        (("train", "--config", str(tmp_path / "bad.yaml")), "bad.yaml is not valid YAML"),
+        (("train", "--config", str(tmp_path / "list.yaml")), "must hold a mapping"),
+        (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--steps", "0"), "steps must be >= 1"),
+        (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--lr", "-1"), "learning_rate must be positive"),
+        (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--grad-accum", "0"), "grad_accum must be"),
+        (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--dropout", "2"), "dropout must be in [0, 1)"),
+        (("generate", "--model", base, "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens must be a positive"),
+        (("generate", "--model", base, "--prompt", "hi", "--top-p", "5"), "top_p must be in (0, 1]"),
+        (("grpo", "--model", base, "--dataset", GSM8K_TRAIN, "--reward", "nosuchmodule:fn", "--out", str(tmp_path / "g")),
+         "reward 'nosuchmodule:fn' cannot be loaded"),
+        (("grpo", "--model", base, "--dataset", GSM8K_TRAIN, "--reward", "gsm8k", "--reward-weights", "a", "--out",
+          str(tmp_path / "g")), "--reward-weights takes numbers"),
+        (("grpo", "--model", base, "--dataset", GSM8K_TRAIN, "--reward", "gsm8k", "--prompts-per-step", "0", "--out",
+          str(tmp_path / "g")), "prompts_per_step must be >= 1"),
+    ]
+    for args, error in cases:
+        r = _jft(*args)
+        assert r.returncode == 2 and error in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_generate_asks_in_the_chat_template_unless_raw(base):
+    import jft
+    from jft.data import render
+
+    model = jft.load(base, dtype="bfloat16")
+    chat = render([{"role": "user", "content": "Hello"}], model.tokenizer, add_generation_prompt=True)
+    ids = model.tokenizer(chat, add_special_tokens=False)["input_ids"]
+    expected = {mode: jft.generate(model, [prompt], max_new_tokens=6).text[0]
+                for mode, prompt in (("chat", ids), ("raw", "Hello"))}
+    assert expected["chat"] != expected["raw"]
+    for mode, flags in (("chat", ()), ("raw", ("--raw",))):
+        r = _jft("generate", "--model", base, "--prompt", "Hello", "--max-new-tokens", "6", *flags)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == f"### Hello\n{expected[mode]}\n\n", mode

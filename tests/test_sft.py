@@ -102,19 +102,23 @@ def test_resume_gives_identical_lora(tiny, tmp_path):
     kw = dict(learning_rate=1e-3, max_seq_length=384, batch_size=4, packing=True, progress=False, seed=5)
     full = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, key=jax.random.key(0)), **kw).fit(rows, steps=10)
 
-    def kill_at_5(step, record):
-        if step == 5:
+    def kill_at_7(step, record):  # two steps after the checkpoint of step 5, logged and then lost
+        if step == 7:
             raise KeyboardInterrupt
 
     out = str(tmp_path / "run")
     first = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, key=jax.random.key(0)), out_dir=out, checkpoint_every=5, **kw)
     with pytest.raises(KeyboardInterrupt):
-        first.fit(rows, steps=10, callbacks=[kill_at_5])
+        first.fit(rows, steps=10, callbacks=[kill_at_7])
     resumed = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, key=jax.random.key(9)), out_dir=out, checkpoint_every=5, **kw)
     state = resumed.fit(rows, steps=10, resume=True)
     for a, b in zip(jax.tree.leaves(full.lora), jax.tree.leaves(state.lora)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [h["step"] for h in state.history] == list(range(1, 11))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=4), out_dir=str(tmp_path / "fresh"), **kw).fit(rows, steps=1, resume=True)
 
 
 def test_offloaded_embedding_trains_like_the_device_one(tiny):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import jax
 
+from jft.convert.safetensors_io import atomic_write
 from jft.sharding import is_main_process
 
 
@@ -52,8 +54,9 @@ class Checkpoints:
 def start_run(out_dir: str | None, *, checkpoint_every: int, resume: bool, lora, opt_state):
     """Where a training run begins: (checkpoints or None, start step, lora, opt_state, history).
 
-    With `resume`, the newest checkpoint in out_dir (if any) supplies the state; a run that starts
-    from step 0 clears a stale out_dir/metrics.jsonl first.
+    With `resume`, the newest checkpoint in out_dir (if any) supplies the state. out_dir/metrics.jsonl
+    then holds the records up to where the run begins: none from step 0, the checkpoint's history
+    on resume (a run stopped after its last checkpoint had logged later steps, done again now).
     """
     checkpoints = Checkpoints(out_dir) if out_dir and (checkpoint_every or resume) else None
     start, history = 0, []
@@ -61,7 +64,9 @@ def start_run(out_dir: str | None, *, checkpoint_every: int, resume: bool, lora,
         restored = checkpoints.restore(lora, opt_state)
         if restored is not None:
             start, lora, opt_state, history = restored
+        else:
+            warnings.warn(f"resume: no checkpoint in {checkpoints.directory}; training from step 0")
     metrics = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-    if start == 0 and metrics and os.path.exists(metrics) and is_main_process():
-        os.remove(metrics)
+    if metrics and os.path.exists(metrics) and is_main_process():
+        atomic_write(metrics, lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
     return checkpoints, start, lora, opt_state, history

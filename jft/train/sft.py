@@ -92,6 +92,10 @@ class SFT:
                  offload_embedding: bool = False):
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+        if optimizer is None and not learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+        if not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
         self.mesh = mesh
@@ -152,6 +156,9 @@ class SFT:
         cb(step, record) after a logged step; raising from one stops training."""
         if (steps is None) == (epochs is None):
             raise ValueError("give exactly one of steps or epochs")
+        name, count = ("steps", steps) if steps is not None else ("epochs", epochs)
+        if count < 1:
+            raise ValueError(f"{name} must be >= 1, got {count}")
         examples = self.tokenize(dataset)
         if not len(examples):
             raise ValueError("the dataset has no examples")
