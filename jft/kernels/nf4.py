@@ -105,14 +105,13 @@ def _blocked_operands(q: NF4) -> tuple[jax.Array, jax.Array]:
     """(packed [B*nb, bs/2] (a ragged last block zero-padded), absmax f32 [B*nb, 1]): the blocks of
     all stacked matrices, one after another, since every block is dequantized on its own."""
     batch = max(1, math.prod(q.batch_shape))
-    return _packed_blocks(q).reshape(batch * q.n_blocks, q.blocksize // 2), block_absmax(q).reshape(batch * q.n_blocks, 1)
-
-
-def _packed_blocks(q: NF4) -> jax.Array:
-    """packed as [B, nb * bs/2], a ragged last block zero-padded (a copy only then)."""
-    packed = q.packed.reshape(max(1, math.prod(q.batch_shape)), -1)
-    missing = q.n_blocks * (q.blocksize // 2) - packed.shape[-1]
-    return jnp.pad(packed, ((0, 0), (0, missing))) if missing else packed
+    half = q.blocksize // 2
+    packed = q.packed.reshape(batch, -1)
+    missing = q.n_blocks * half - packed.shape[-1]
+    if missing:
+        packed = jnp.pad(packed, ((0, 0), (0, missing)))
+    absmax = block_absmax(q).reshape(batch * q.n_blocks, 1)
+    return packed.reshape(batch * q.n_blocks, half), absmax
 
 
 def _layer(q: NF4, layer) -> NF4:
