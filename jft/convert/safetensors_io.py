@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import secrets
+import struct
 from collections.abc import Iterable, Mapping
 
 import ml_dtypes
