@@ -79,8 +79,6 @@ def init(model, r: int = 16, alpha: float = 16.0, targets=TARGETS, *, dropout: f
     config = LoraConfig(r=r, alpha=float(alpha), targets=normalize_targets(targets), dropout=float(dropout),
                         use_rslora=use_rslora, layers=None if layers is None else tuple(int(i) for i in layers),
                         train_embeddings=train_embeddings)
-    if not config.targets and not train_embeddings:
-        raise ValueError(f"no LoRA targets given: use 'all-linear' or some of {TARGETS}")
     key = jax.random.key(0) if key is None else key
     params = model.params
     weights = {"layers": {}}
