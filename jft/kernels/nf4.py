@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jft.kernels import registry
-from jft.quant.nf4 import NF4, NF4_CODES, block_absmax, dequantize_nf4
+from jft.quant.nf4 import NF4, NF4_CODES, NF4Layer, block_absmax, dequantize_nf4
 
 IMPLS = ("reference", "pallas")
 _TILE_ELEMENTS = 8192  # elements a dequantize program writes
@@ -54,7 +54,7 @@ def _check_pallas_blocksize(q: NF4) -> None:
 
 
 def dequantize_reference(q: NF4, dtype=None, layer=None) -> jax.Array:
-    return dequantize_nf4(q if layer is None else _layer(q, layer), dtype)
+    return dequantize_nf4(q if layer is None else NF4Layer(q, layer).sliced(), dtype)
 
 
 def _dequantize_kernel(table_ref, first_ref, packed_ref, absmax_ref, *rest):
@@ -114,10 +114,6 @@ def _blocked_operands(q: NF4) -> tuple[jax.Array, jax.Array]:
     return packed.reshape(batch * q.n_blocks, half), absmax
 
 
-def _layer(q: NF4, layer) -> NF4:
-    return jax.tree.map(lambda c: c[layer], q)
-
-
 def dequantize_pallas(q: NF4, dtype=None, interpret: bool | None = None, layer=None) -> jax.Array:
     """Pallas NF4 dequantize; same result as `dequantize_reference`, bit for bit. With `layer` (an
     int, may be traced) only that matrix of a stacked leaf: the kernel reads its bytes in place,
@@ -130,7 +126,7 @@ def dequantize_pallas(q: NF4, dtype=None, interpret: bool | None = None, layer=N
         blocks = _dequantize_blocks(packed, absmax, dtype, interpret)
         batch = max(1, math.prod(q.batch_shape))
         return blocks.reshape(batch, -1)[:, : q.rows * q.cols].reshape(q.shape)
-    one = _layer(q, layer)
+    one = NF4Layer(q, layer).sliced()
     if q.rows * q.cols % q.blocksize:  # ragged: padding copies the matrix anyway
         return dequantize_pallas(one, dtype, interpret)
     packed = q.packed.reshape(-1, q.blocksize // 2)
