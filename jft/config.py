@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")  # su: Phi-3's old name for longrope
 
 
 class ConfigError(ValueError):
@@ -25,11 +25,16 @@ class Rope:
     """Rotary embedding of one attention kind (full or sliding layers)."""
 
     theta: float = 10000.0
-    kind: str = "default"  # default | linear | llama3
+    kind: str = "default"  # default | linear | llama3 | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3 / Phi-4-mini): per-pair frequency divisors for forwards within the original
+    # context and for longer ones, and the factor cos and sin are multiplied by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +94,7 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _rope_from(params: dict | None, legacy: dict, default_theta: float, where: str) -> Rope:
+def _rope_from(params: dict | None, legacy: dict, default_theta: float, where: str, rotary_dim: int = 0) -> Rope:
     """Reads transformers' new `rope_parameters` or the old `rope_theta` + `rope_scaling`."""
     params = dict(params or {})
     scaling = legacy.get("rope_scaling") or {}
@@ -98,16 +103,37 @@ def _rope_from(params: dict | None, legacy: dict, default_theta: float, where: s
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind not in _SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{where}: rope type {kind!r} is not supported (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})")
-    return Rope(
+    # like transformers, a top-level original_max_position_embeddings (Phi-3 keeps it there) wins
+    original = int(legacy.get("original_max_position_embeddings")
+                   or merged.get("original_max_position_embeddings", legacy.get("max_position_embeddings", 8192)))
+    rope = Rope(
         theta=float(theta),
         kind=kind,
         factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            merged.get("original_max_position_embeddings", legacy.get("max_position_embeddings", 8192))
-        ),
+        original_max_position_embeddings=original,
     )
+    return _longrope(rope, merged, legacy, where, rotary_dim) if kind in ("longrope", "su") else rope
+
+
+def _longrope(rope: Rope, merged: dict, legacy: dict, where: str, rotary_dim: int) -> Rope:
+    """The factors of a longrope config, checked; the attention factor as transformers derives it."""
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        value = merged.get(name)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+            raise ConfigError(f"{where}: longrope needs rope_scaling.{name} as a list of numbers, got {value!r}")
+        if len(value) != rotary_dim // 2:
+            raise ConfigError(f"{where}: rope_scaling.{name} has {len(value)} values; longrope needs one per "
+                              f"rotary frequency pair ({rotary_dim // 2})")
+        factors[name] = tuple(float(v) for v in value)
+    original = rope.original_max_position_embeddings
+    factor = merged.get("factor") or legacy.get("max_position_embeddings", original) / original
+    attention = merged.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+    return dataclasses.replace(rope, kind="longrope", factor=float(factor), attention_factor=float(attention), **factors)
 
 
 def _sliding_layers(c: dict, model_type: str, num_layers: int) -> tuple[bool, ...]:
@@ -145,6 +171,8 @@ def config_from_hf(c: dict, where: str = "config.json") -> Config:
     head_dim = c.get("head_dim") or hidden // heads
     gemma = model_type.startswith("gemma")
     rope_params = c.get("rope_parameters")
+    partial = (rope_params or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial)
     local_rope = None
     if model_type == "gemma3_text":
         nested = rope_params if rope_params and "full_attention" in rope_params else None
@@ -152,8 +180,7 @@ def config_from_hf(c: dict, where: str = "config.json") -> Config:
         local = nested["sliding_attention"] if nested else {"rope_theta": c.get("rope_local_base_freq", 10000.0)}
         local_rope = _rope_from(local, {}, 10000.0, where)
     else:
-        rope = _rope_from(rope_params, c, 10000.0, where)
-    partial = (rope_params or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        rope = _rope_from(rope_params, c, 10000.0, where, rotary_dim)
     activation = c.get("hidden_activation") or c.get("hidden_act", "silu")
     if gemma and activation in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
         activation = "gelu_pytorch_tanh"  # transformers runs every gemma with the tanh approximation
@@ -175,7 +202,7 @@ def config_from_hf(c: dict, where: str = "config.json") -> Config:
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         rope=rope,
         local_rope=local_rope,
-        rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
+        rotary_dim=rotary_dim if partial != 1.0 else None,
         max_position_embeddings=c.get("max_position_embeddings", 4096),
         tie_embeddings=c.get("tie_word_embeddings", gemma),
         qkv_bias=model_type == "qwen2" or bool(c.get("attention_bias")),

@@ -1,13 +1,14 @@
 """The decoder against transformers: logits, greedy generation, checkpoint round trips, bad input."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import jft
-from tests.tiny_models import FAMILIES, WINDOW, save_hf_model
+from tests.tiny_models import FAMILIES, LONGROPE, WINDOW, save_hf_model
 
 SEQ = 3 * WINDOW + 5  # longer than the sliding window
 
@@ -255,3 +256,78 @@ def test_failed_checkpoint_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_sharded(tensors(), tmp_path, max_shard_bytes=4000)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- LongRoPE (Phi-3 long-context checkpoints) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def longrope_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("phi3_longrope")
+    hf_model = save_hf_model("phi3", path, **LONGROPE)
+    return hf_model, jft.load(str(path), dtype="float32")
+
+
+@pytest.mark.parametrize("length", [20, 48], ids=["short_factors", "long_factors"])
+def test_longrope_logits_match_transformers(longrope_model, length):
+    """Within the original context (32) transformers uses the short factors, beyond it the long ones."""
+    hf_model, model = longrope_model
+    ids = np.random.default_rng(7).integers(3, model.config.vocab_size, size=(2, length))
+    ours = np.asarray(jft.forward(model, ids))
+    np.testing.assert_allclose(ours, _hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+
+
+def test_longrope_factor_set_follows_the_longest_position(longrope_model):
+    """The same 20 tokens get other logits once the forward reaches past the original context, and a
+    packed row of two segments within it keeps the short factors (its largest position decides)."""
+    hf_model, model = longrope_model
+    rng = np.random.default_rng(8)
+    ids = rng.integers(3, model.config.vocab_size, size=(1, 44))
+    prefix = np.asarray(jft.forward(model, ids[:, :20]))
+    assert np.abs(np.asarray(jft.forward(model, ids))[:, :20] - prefix).max() > 1e-2
+    positions = np.concatenate([np.arange(20), np.arange(24)])[None]
+    segments = np.concatenate([np.ones(20), np.full(24, 2)])[None].astype(np.int32)
+    from jft.nn import transformer
+
+    packed = np.asarray(transformer.forward(model.config, model.params, ids, positions, segments))
+    np.testing.assert_allclose(packed[:, :20], _hf_logits(hf_model, ids[:, :20]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(packed[:, 20:], _hf_logits(hf_model, ids[:, 20:]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_len,new", [(5, 20), (40, 8), (20, 24), (31, 6)],
+                         ids=["short", "long", "crossing", "crossing_at_once"])
+def test_longrope_greedy_generation_matches_transformers(longrope_model, prompt_len, new):
+    """Crossing the original context mid-generation, transformers' Phi-3 drops its cache and recomputes
+    the whole sequence with the long factors; jft's decode loop does the same at that step."""
+    hf_model, model = longrope_model
+    prompt = np.random.default_rng(prompt_len).integers(3, model.config.vocab_size, size=prompt_len).tolist()
+    ours = jft.generate(model, [prompt], max_new_tokens=new, eos_token_ids=()).ids[0]
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, prompt_len:].tolist()
+
+
+def _phi3_config(**rope_scaling):
+    return {"model_type": "phi3", "vocab_size": 10, "hidden_size": 64, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "partial_rotary_factor": 0.75, "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "rope_scaling": rope_scaling}
+
+
+def test_longrope_config_is_read_and_checked():
+    from jft.config import config_from_hf
+
+    short, long = [1.0] * 6, [2.0] * 6  # rotary_dim 12: six frequency pairs
+    rope = config_from_hf(_phi3_config(type="su", short_factor=short, long_factor=long)).rope
+    assert rope.kind == "longrope" and rope.short_factor == tuple(short) and rope.long_factor == tuple(long)
+    assert rope.original_max_position_embeddings == 4096 and rope.factor == 32.0
+    assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    hash(rope)
+    given = config_from_hf(_phi3_config(rope_type="longrope", short_factor=short, long_factor=long, attention_factor=1.5))
+    assert given.rope.attention_factor == 1.5
+    with pytest.raises(jft.ConfigError, match=r"rope_scaling\.long_factor has 5 values.*\(6\)"):
+        config_from_hf(_phi3_config(type="longrope", short_factor=short, long_factor=long[:5]))
+    with pytest.raises(jft.ConfigError, match=r"longrope needs rope_scaling\.short_factor as a list of numbers, got None"):
+        config_from_hf(_phi3_config(type="longrope", long_factor=long))
+    with pytest.raises(jft.ConfigError, match=r"short_factor as a list of numbers"):
+        config_from_hf(_phi3_config(type="longrope", short_factor=["a"] * 6, long_factor=long))

@@ -28,6 +28,12 @@ _EXTRA = {
     "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 }
 
+# Phi-3's long-context rope on the tiny phi3 (rotary_dim 8: four frequency pairs); a forward whose
+# largest position + 1 is beyond 32 takes the long factors
+LONGROPE = dict(original_max_position_embeddings=32, max_position_embeddings=128, rope_parameters={
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.25, 2.5, 4.0], "long_factor": [1.5, 3.0, 8.0, 20.0]})
+
 _CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

@@ -44,12 +44,13 @@ def sample(logits, key, *, temperature: float, top_k: int = 0, top_p: float = 1.
 
 def decode(config: Config, params, lora, last_logits, cache, next_pos, key, *, max_new_tokens: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-           eos_ids: tuple[int, ...] = (), pad_id: int = 0, rope_at=None):
+           eos_ids: tuple[int, ...] = (), pad_id: int = 0, rope_at=None, refill=None):
     """The decode loop after a prefill: samples from last_logits [B, V], then feeds each new token.
 
     next_pos [B]: the position of the first new token. rope_at(pos) may give the rope tables for a
-    step (the vision models' M-RoPE); None builds them from positions. Returns (tokens [B, N]
-    padded with pad_id after EOS, lengths [B] counting tokens up to and including the first EOS).
+    step (the vision models' M-RoPE); None builds them from positions. refill(out, i), for longrope,
+    replaces the step that first reaches past the original context (see `_refill`). Returns (tokens
+    [B, N] padded with pad_id after EOS, lengths [B] counting tokens up to and including the first EOS).
     """
     b = last_logits.shape[0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -71,9 +72,17 @@ def decode(config: Config, params, lora, last_logits, cache, next_pos, key, *, m
         i, out, cache, done, lengths, pos, key = state
         token = out[:, i - 1]
         rope = None if rope_at is None else rope_at(pos)
-        hidden, cache = forward_hidden(config, params, token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32),
-                                       lora=lora, cache=cache, rope=rope)
-        logits = logits_from_hidden(config, params, hidden, lora)[:, 0]
+
+        def one_token():
+            hidden, new_cache = forward_hidden(config, params, token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32),
+                                               lora=lora, cache=cache, rope=rope)
+            return logits_from_hidden(config, params, hidden, lora)[:, 0], new_cache
+
+        if refill is None:
+            logits, cache = one_token()
+        else:
+            crossing = jnp.max(pos) == config.rope.original_max_position_embeddings
+            logits, cache = jax.lax.cond(crossing, lambda: refill(out, i), one_token)
         key, sub = jax.random.split(key)
         new = jnp.where(done, pad_id, pick(logits, sub))
         out = out.at[:, i].set(new)
@@ -98,7 +107,28 @@ def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, **s
     cache = init_cache(config, b, t + sampling["max_new_tokens"], params["embed"].dtype)
     hidden, cache = forward_hidden(config, params, prompt_ids, positions, mask, lora=lora, cache=cache)
     last_logits = logits_from_hidden(config, params, hidden[:, -1:], lora)[:, 0]
-    return decode(config, params, lora, last_logits, cache, positions[:, -1] + 1, key, **sampling)
+    refill = None
+    if config.rope.kind == "longrope" and t + sampling["max_new_tokens"] > config.rope.original_max_position_embeddings:
+        refill = functools.partial(_refill, config, params, lora, prompt_ids, mask, positions)
+    return decode(config, params, lora, last_logits, cache, positions[:, -1] + 1, key, refill=refill, **sampling)
+
+
+def _refill(config: Config, params, lora, prompt_ids, mask, positions, out, i):
+    """Logits of new token i - 1 and a fresh cache, from the prompt and the first i new tokens.
+
+    A longrope model switches to its long factors once a forward reaches past the original context,
+    and the keys cached so far were rotated with the short ones; like transformers' Phi-3, the step
+    that crosses recomputes the whole sequence. Slots of tokens not generated yet are written as
+    padding (segment 0) and overwritten as decoding goes on."""
+    b, t = prompt_ids.shape
+    n = out.shape[1]
+    ids = jnp.concatenate([prompt_ids, out], axis=1)
+    pos = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(n, dtype=positions.dtype)], axis=1)
+    segments = jnp.concatenate([mask, jnp.broadcast_to(jnp.arange(n) < i, (b, n)).astype(mask.dtype)], axis=1)
+    cache = init_cache(config, b, t + n, params["embed"].dtype)
+    hidden, cache = forward_hidden(config, params, ids, pos, segments, lora=lora, cache=cache)
+    last = jax.lax.dynamic_slice_in_dim(hidden, t + i - 1, 1, axis=1)
+    return logits_from_hidden(config, params, last, lora)[:, 0], {**cache, "index": t + i}
 
 
 def bucket(n: int, minimum: int = 16) -> int:

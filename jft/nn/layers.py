@@ -96,12 +96,15 @@ def activation(name: str):
 # --- rotary embeddings -------------------------------------------------------------------------
 
 
-def inv_frequencies(rope: Rope, rotary_dim: int) -> np.ndarray:
-    """Per-pair inverse frequencies, with linear or llama3 scaling applied (fp32, numpy: static)."""
+def inv_frequencies(rope: Rope, rotary_dim: int, long: bool = False) -> np.ndarray:
+    """Per-pair inverse frequencies, with linear, llama3 or longrope scaling applied (fp32, numpy:
+    static); `long` picks longrope's factors for forwards beyond the original context."""
     inv = 1.0 / (rope.theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
     inv = inv.astype(np.float32)
     if rope.kind == "linear":
         return inv / np.float32(rope.factor)
+    if rope.kind == "longrope":
+        return (inv / np.asarray(rope.long_factor if long else rope.short_factor, np.float32)).astype(np.float32)
     if rope.kind == "llama3":
         old = rope.original_max_position_embeddings
         low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
@@ -114,11 +117,24 @@ def inv_frequencies(rope: Rope, rotary_dim: int) -> np.ndarray:
     return inv
 
 
-def rope_tables(inv_freq, positions):
-    """cos/sin of shape [B, T, rotary_dim] for integer positions [B, T] (split-half layout)."""
+def rope_tables(inv_freq, positions, scale: float = 1.0):
+    """cos/sin of shape [B, T, rotary_dim] for integer positions [B, T] (split-half layout), times scale."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if scale == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def rope_for(rope: Rope, rotary_dim: int, positions):
+    """The rope tables of `positions` [B, T]. Longrope, like transformers, takes its long factors when
+    the forward reaches beyond the original context (its largest position + 1 exceeds it), else its
+    short ones; the choice is traced, so one compiled step serves both."""
+    if rope.kind != "longrope":
+        return rope_tables(inv_frequencies(rope, rotary_dim), positions)
+    long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    inv = jnp.where(long, inv_frequencies(rope, rotary_dim, long=True), inv_frequencies(rope, rotary_dim))
+    return rope_tables(inv, positions, rope.attention_factor)
 
 
 def apply_rope(x, cos, sin):

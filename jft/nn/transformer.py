@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jft.config import Config
 from jft.kernels.attention import attention_pallas as flash_attention
 from jft.nn import attention as attn
-from jft.nn.layers import QUANTIZED_DOT, activation, apply_rope, dense, embed_tokens, inv_frequencies, linear, rms_norm, rope_tables, softcap
+from jft.nn.layers import QUANTIZED_DOT, activation, apply_rope, dense, embed_tokens, linear, rms_norm, rope_for, softcap
 from jft.quant import NF4, NF4Layer
 from jft.sharding import gather_layer
 
@@ -240,10 +240,10 @@ def _checked_attention(attn_impl: str) -> str:
 
 
 def _rope_for(config: Config, positions):
-    rope_g = rope_tables(inv_frequencies(config.rope, config.rotary_dims), positions)
+    rope_g = rope_for(config.rope, config.rotary_dims, positions)
     rope_l = None
     if config.local_rope is not None:
-        rope_l = rope_tables(inv_frequencies(config.local_rope, config.rotary_dims), positions)
+        rope_l = rope_for(config.local_rope, config.rotary_dims, positions)
     return rope_g, rope_l
 
 
