@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 import jft
 from jft.convert import gguf_quants
 from jft.convert.gguf import save_gguf
-from tests.tiny_models import FAMILIES, save_hf_model
+from tests.tiny_models import FAMILIES, LONGROPE, save_hf_model
 
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 # llama.cpp's CPU GELU goes through an fp16 lookup table, so the gelu families are ~1e-3 off
@@ -72,8 +72,8 @@ def exported(request, tmp_path_factory):
     return family, hf_model, model, files
 
 
-def _llama_logits(gguf_path, ids):
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+def _llama_logits(gguf_path, ids, n_ctx=64):
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False, type_k=0, type_v=0)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: llm.n_tokens])
@@ -169,3 +169,29 @@ def test_unknown_quant_name_is_refused(exported, tmp_path):
     with pytest.raises(ValueError, match="valid names"):
         save_gguf(model, None, tmp_path / "x.gguf", "q4_k_xl")
     assert not os.listdir(tmp_path)
+
+
+def test_phi3_longrope_factors_and_metadata_give_jft_logits(tmp_path):
+    """llama.cpp takes longrope's factor set once per context, the long one when its context size
+    exceeds rope.scaling.original_context_length; it rounds n_ctx up to a multiple of 256, so here the
+    original context is 256 (with 32, any context would get the long factors). n_ctx 256 with a short
+    prompt gives the short factors, as jft's forward within the original context; n_ctx 512 with 300
+    tokens gives the long ones, as jft's forward beyond it."""
+    path = tmp_path / "tiny"
+    save_hf_model("phi3", path, **{**LONGROPE, "original_max_position_embeddings": 256, "max_position_embeddings": 1024})
+    _save_tiny_tokenizer(path)
+    model = jft.load(str(path), dtype="float32", progress=False)
+    gguf_path = save_gguf(model, None, path / "model.gguf", "f32", modelfile=False, progress=False)[0]
+    reader = gguf.GGUFReader(gguf_path)
+    rope = model.config.rope
+    assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == 256
+    assert reader.fields["phi3.context_length"].contents() == 1024
+    assert reader.fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(rope.attention_factor)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, factors in (("rope_factors_long.weight", rope.long_factor), ("rope_factors_short.weight", rope.short_factor)):
+        assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(tensors[name].data), np.asarray(factors, np.float32))
+    long_ids = np.random.default_rng(9).integers(3, 384, size=300).tolist()
+    for ids, n_ctx in ((IDS, 256), (long_ids, 512)):
+        ref = np.asarray(jft.forward(model, np.array([ids])))[0]
+        np.testing.assert_allclose(_llama_logits(gguf_path, ids, n_ctx), ref, atol=1e-4, rtol=0)

@@ -99,9 +99,8 @@ def _gguf_tensors(config: Config, weights: _Weights) -> Iterator[tuple[str, int 
         return (lambda: fn() + np.float32(1)) if gemma else fn
 
     yield "token_embd.weight", None, lambda: weights.top("embed"), shape_of(weights.params["embed"])
-    if "rope_freqs" in _extra_tensors(config):
-        freqs = _extra_tensors(config)["rope_freqs"]
-        yield "rope_freqs.weight", None, lambda: freqs, freqs.shape
+    for extra, values in _extra_tensors(config).items():
+        yield f"{extra}.weight", None, lambda values=values: values, values.shape
     for i in range(config.num_layers):
         p = f"blk.{i}."
 
@@ -171,8 +170,13 @@ def _llama3_rope_factors(config: Config) -> np.ndarray:
 
 
 def _extra_tensors(config: Config) -> dict[str, np.ndarray]:
+    """Model-wide rope tensors: llama3's frequency divisors, or longrope's two sets (llama.cpp picks
+    one by its context size: long when n_ctx exceeds rope.scaling.original_context_length)."""
     if config.rope.kind == "llama3":
         return {"rope_freqs": _llama3_rope_factors(config)}
+    if config.rope.kind == "longrope":
+        return {"rope_factors_long": np.asarray(config.rope.long_factor, np.float32),
+                "rope_factors_short": np.asarray(config.rope.short_factor, np.float32)}
     return {}
 
 
@@ -201,6 +205,9 @@ def _model_kv(config: Config, method: gq.QuantMethod, name: str) -> list[tuple[s
     ]
     if config.rope.kind == "linear":
         kv += [(f"{arch}.rope.scaling.type", V.STRING, "linear"), (f"{arch}.rope.scaling.factor", V.FLOAT32, config.rope.factor)]
+    if config.rope.kind == "longrope":
+        kv += [(f"{arch}.rope.scaling.attn_factor", V.FLOAT32, config.rope.attention_factor),
+               (f"{arch}.rope.scaling.original_context_length", V.UINT32, config.rope.original_max_position_embeddings)]
     if config.model_type in ("gemma2", "gemma3_text"):
         if config.attn_logit_softcap:
             kv.append((f"{arch}.attn_logit_softcapping", V.FLOAT32, config.attn_logit_softcap))
@@ -219,6 +226,8 @@ def _check_supported(config: Config) -> None:
         raise GGUFExportError(f"GGUF export supports {', '.join(ARCHITECTURES)}; got {config.model_type!r}")
     if config.local_rope is not None and config.local_rope.kind != "default":
         raise GGUFExportError("llama.cpp has no rope scaling for gemma3's sliding layers")
+    if config.rope.kind == "longrope" and config.model_type != "phi3":
+        raise GGUFExportError(f"llama.cpp reads longrope factors for phi3 only, not {config.model_type}")
     if config.o_bias:
         raise GGUFExportError("attention output bias is not supported in GGUF export")
 
