@@ -361,10 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jft.memory import OutOfMemoryError, explain_out_of_memory
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, OSError) as e:
+        # training, rollouts and generation name their own options; this covers the rest (loading, export)
+        with explain_out_of_memory(f"jft {args.command}", "--quantize nf4 (train, grpo, generate) or a smaller model"):
+            return args.func(args)
+    except (FileNotFoundError, ValueError, OSError, OutOfMemoryError) as e:
         print(f"jft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import numpy as np
 
 from jft.config import Config, load_config, read_config_json
 from jft.convert import hf
+from jft.memory import explain_out_of_memory, has_quantized_weights
 from jft.nn import generate as gen
 from jft.nn import transformer
 
@@ -192,11 +193,20 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
     pad = pad_token_id_of(model)
     ids, mask = gen.left_pad(seqs, pad)
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_token_ids_of(model)
-    out, lengths = gen.generate_ids(
-        model.config, model.params, lora, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        min_p=float(min_p), eos_ids=eos, pad_id=pad)
-    return decode_outputs(model, out, lengths, eos, stop)
+    with explain_out_of_memory("generation", generation_memory_advice(model, len(seqs), max_new_tokens)):
+        out, lengths = gen.generate_ids(
+            model.config, model.params, lora, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+            min_p=float(min_p), eos_ids=eos, pad_id=pad)
+        return decode_outputs(model, out, lengths, eos, stop)
+
+
+def generation_memory_advice(model, prompts: int, max_new_tokens: int) -> str:
+    """The KV cache grows with prompts x (prompt length + max_new_tokens)."""
+    options = [f"fewer prompts at once (now {prompts})", f"a smaller max_new_tokens (now {max_new_tokens})"]
+    if not has_quantized_weights(model.params):
+        options.append('quantize="nf4" in jft.load')
+    return "; ".join(options)
 
 
 def decode_outputs(model, out, lengths, eos: tuple[int, ...], stop: list[str] | None) -> Generation:

@@ -90,6 +90,23 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
         assert r.returncode == 2 and error in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+def test_out_of_device_memory_is_one_line_with_what_to_change(base, tmp_path):
+    """Allocations of a TiB and more, which XLA's CPU backend refuses before running anything."""
+    data = tmp_path / "short.jsonl"
+    data.write_text('{"text": "one two three four"}\n' * 4)
+    runs = {"max_new_tokens (now 1073741824)": ("generate", "--model", base, "--prompt", "hi", "--max-new-tokens",
+                                                str(2**30)),
+            "max_seq_length (now 131072)": ("train", "--model", base, "--dataset", str(data), "--max-seq-length",
+                                            str(2**17), "--packing", "--batch-size", "1", "--steps", "1", "--out",
+                                            str(tmp_path / "run"))}
+    for option, args in runs.items():
+        r = _jft(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        error = r.stderr.splitlines()[-1]
+        assert error.startswith("jft: error: out of device memory in ") and option in error, r.stderr
+        assert "XLA could not allocate" in error and "RESOURCE_EXHAUSTED" not in r.stderr
+
+
 def test_generate_asks_in_the_chat_template_unless_raw(base):
     import jft
     from jft.data import render

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jft import kernels, sharding
 from jft.config import Config
+from jft.memory import explain_out_of_memory, has_quantized_weights
 from jft.nn.generate import bucket
 from jft.nn.layers import dense
 from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
@@ -302,7 +303,8 @@ class GRPO:
         texts = [self._render(r["prompt"]) for r in rows]
         sampling = dataclasses.replace(cfg.sampling, seed=cfg.seed * 1_000_003 + step)
         t0 = time.perf_counter()
-        comps = sharding.scoped(self.mesh, self.engine.generate)(texts, n=g, sampling=sampling)
+        with explain_out_of_memory("the GRPO rollout", self._rollout_memory_advice()):
+            comps = sharding.scoped(self.mesh, self.engine.generate)(texts, n=g, sampling=sampling)
         rollout_s = time.perf_counter() - t0
         conversational = not isinstance(rows[0]["prompt"], str)
         prompts = [r["prompt"] for r in rows for _ in range(g)]
@@ -324,6 +326,29 @@ class GRPO:
             metrics[f"rewards/{name}/mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
             metrics[f"rewards/{name}/std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
         return batch, metrics, comps
+
+    def _rollout_memory_advice(self) -> str:
+        cfg = self.config
+        options = [f"fewer prompts_per_step or num_generations (now {cfg.prompts_per_step} x {cfg.num_generations} "
+                   "completions)", f"a smaller max_completion_length (now {cfg.max_completion_length}) or "
+                   f"max_prompt_length (now {cfg.max_prompt_length})"]
+        if isinstance(self.engine, JaxEngine):
+            options.append(f"engine=JaxEngine(model, lora, slots=...) with fewer slots (now {self.engine.slots}) "
+                           "to decode fewer completions at once")
+        if not has_quantized_weights(self.model.params):
+            options.append('quantize="nf4" in jft.load')
+        return "; ".join(options)
+
+    def _step_memory_advice(self) -> str:
+        cfg = self.config
+        options = [f"a smaller micro_batch_size (now {cfg.micro_batch_size or cfg.batch_size} of the {cfg.batch_size} "
+                   "completions per gradient pass)", f"a smaller max_completion_length (now {cfg.max_completion_length})",
+                   "fewer prompts_per_step or num_generations"]
+        if cfg.remat != "offload":
+            options.append('remat="offload"' if cfg.remat == "full" else f'remat="full" or "offload" (now "{cfg.remat}")')
+        if not has_quantized_weights(self.model.params):
+            options.append('quantize="nf4" in jft.load')
+        return "; ".join(options)
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, prompts_dataset, steps: int, *, resume: bool = False, callbacks=()) -> GRPOState:
@@ -349,33 +374,34 @@ class GRPO:
         stream = _prompt_stream(len(rows), cfg.prompts_per_step, cfg.seed, start)
         bar = tqdm(total=steps, initial=start, desc="grpo", disable=not (cfg.progress and sharding.is_main_process()),
                    dynamic_ncols=True)
-        for step in range(start, steps):
-            batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
-            t0 = time.perf_counter()
-            batch = sharding.place_batch(batch, self.mesh)
-            if cfg.num_iterations > 1:
-                batch["old_logprobs"] = logprob_fn(self.model.config, self.model.params, lora, batch,
-                                                   temperature=cfg.temperature, remat="none", attn_impl=attn_impl)
-            for _ in range(cfg.num_iterations):
-                lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(metrics["loss"]):
-                bar.close()
-                raise TrainingDiverged(f"loss became {metrics['loss']} at step {step + 1}; lower the learning rate "
-                                       "or check the reward functions")
-            record = {"step": step + 1, **record, **metrics, "lr": float(lr_at(step * cfg.num_iterations)),
-                      "step_s": time.perf_counter() - t0}
-            history.append(record)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-                self._log(record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['completion_length']:.0f}",
-                            **({"kl": f"{record['kl']:.4f}"} if "kl" in record else {}))
-            bar.update(1)
-            if checkpoints is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                checkpoints.save(step + 1, lora, opt_state, history)
-            for cb in callbacks:
-                cb(step + 1, record)
-        bar.close()
+        with explain_out_of_memory("the GRPO training step", self._step_memory_advice()), bar:
+            for step in range(start, steps):
+                batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
+                t0 = time.perf_counter()
+                batch = sharding.place_batch(batch, self.mesh)
+                if cfg.num_iterations > 1:
+                    batch["old_logprobs"] = logprob_fn(self.model.config, self.model.params, lora, batch,
+                                                       temperature=cfg.temperature, remat="none", attn_impl=attn_impl)
+                for _ in range(cfg.num_iterations):
+                    lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if not math.isfinite(metrics["loss"]):
+                    bar.close()
+                    raise TrainingDiverged(f"loss became {metrics['loss']} at step {step + 1}; lower the learning rate "
+                                           "or check the reward functions")
+                record = {"step": step + 1, **record, **metrics, "lr": float(lr_at(step * cfg.num_iterations)),
+                          "step_s": time.perf_counter() - t0}
+                history.append(record)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                    self._log(record)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['completion_length']:.0f}",
+                                **({"kl": f"{record['kl']:.4f}"} if "kl" in record else {}))
+                bar.update(1)
+                if checkpoints is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    checkpoints.save(step + 1, lora, opt_state, history)
+                for cb in callbacks:
+                    cb(step + 1, record)
+            bar.close()
         if cfg.out_dir and sharding.is_main_process():
             plot_rewards(history, os.path.join(cfg.out_dir, "reward.png"))
             plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
+from jft.memory import explain_out_of_memory, has_quantized_weights
 from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
@@ -144,10 +145,26 @@ class SFT:
         """Token-mean loss over held-out examples."""
         fn = sharding.scoped(self.mesh, jax.jit(eval_loss, static_argnames=("config", "attn_impl")))
         total, count, params = 0.0, 0, self._device_params()
-        for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(), buckets=_buckets(self.max_seq_length)):
-            s, n = fn(self.model.config, params, lora, self._device_batch(batch), self.attention)
-            total, count = total + float(s), count + int(n)
+        with explain_out_of_memory("the SFT evaluation", self._memory_advice()):
+            for batch in jdata.batches(examples, self.batch_size, pad_id=self._pad_id(),
+                                       buckets=_buckets(self.max_seq_length)):
+                s, n = fn(self.model.config, params, lora, self._device_batch(batch), self.attention)
+                total, count = total + float(s), count + int(n)
         return total / max(count, 1)
+
+    def _memory_advice(self) -> str:
+        """What to change when a step does not fit in device memory, given these settings."""
+        options = [f"a smaller batch_size (now {self.batch_size}; a larger grad_accum, now {self.grad_accum}, keeps the "
+                   "effective batch)", f"a smaller max_seq_length (now {self.max_seq_length})"]
+        if self.remat != "offload":
+            options.append('remat="offload"' if self.remat == "full" else f'remat="full" or "offload" (now "{self.remat}")')
+        if not has_quantized_weights(self.model.params):
+            options.append('quantize="nf4" in jft.load')
+        if self.embed_table is None and not self.model.config.tie_embeddings:
+            options.append("offload_embedding=True")
+        if self.mesh is None and jax.device_count() > 1:
+            options.append(f"mesh=jft.mesh() to shard over the {jax.device_count()} devices")
+        return "; ".join(options)
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, dataset, *, steps: int | None = None, epochs: int | None = None, eval_dataset=None,
@@ -189,38 +206,39 @@ class SFT:
 
         t0, tokens_since = time.perf_counter(), 0
         pending = upcoming() if start < steps else None
-        for step in range(start, steps):
-            epoch, tokens, batch = pending
-            tokens_since += tokens
-            lora, opt_state, metrics = step_fn(params, lora, opt_state, batch, jax.random.fold_in(key, step))
-            if step + 1 < steps:
-                pending = upcoming()  # the host prepares the next batch while the device runs this step
-            if (step + 1) % self.log_every == 0 or step + 1 == steps:
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    bar.close()
-                    where = f"; the last good checkpoint is in {self.out_dir}/checkpoints" if checkpoints else ""
-                    raise TrainingDiverged(f"loss became {loss} at step {step + 1}{where}. Lower the learning rate "
-                                           "or check the data.")
-                elapsed = time.perf_counter() - t0
-                record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(lr_at(step)),
-                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
-                t0, tokens_since = time.perf_counter(), 0
-                if eval_examples is not None and self.eval_every and (step + 1) % self.eval_every == 0:
-                    record["eval_loss"] = self.evaluate(lora, eval_examples)
-                history.append(record)
-                self._log(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if checkpoints is not None and self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
-                checkpoints.save(step + 1, lora, opt_state, history)
-            if history and history[-1]["step"] == step + 1:
-                for cb in callbacks:
-                    cb(step + 1, history[-1])
-        bar.close()
-        if eval_examples is not None:
-            history.append({"step": steps, "eval_loss": self.evaluate(lora, eval_examples)})
-            self._log(history[-1])
+        with explain_out_of_memory("the SFT training step", self._memory_advice()), bar:
+            for step in range(start, steps):
+                epoch, tokens, batch = pending
+                tokens_since += tokens
+                lora, opt_state, metrics = step_fn(params, lora, opt_state, batch, jax.random.fold_in(key, step))
+                if step + 1 < steps:
+                    pending = upcoming()  # the host prepares the next batch while the device runs this step
+                if (step + 1) % self.log_every == 0 or step + 1 == steps:
+                    loss = float(metrics["loss"])
+                    if not math.isfinite(loss):
+                        bar.close()
+                        where = f"; the last good checkpoint is in {self.out_dir}/checkpoints" if checkpoints else ""
+                        raise TrainingDiverged(f"loss became {loss} at step {step + 1}{where}. Lower the learning rate "
+                                               "or check the data.")
+                    elapsed = time.perf_counter() - t0
+                    record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(lr_at(step)),
+                              "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+                    t0, tokens_since = time.perf_counter(), 0
+                    if eval_examples is not None and self.eval_every and (step + 1) % self.eval_every == 0:
+                        record["eval_loss"] = self.evaluate(lora, eval_examples)
+                    history.append(record)
+                    self._log(record)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if checkpoints is not None and self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+                    checkpoints.save(step + 1, lora, opt_state, history)
+                if history and history[-1]["step"] == step + 1:
+                    for cb in callbacks:
+                        cb(step + 1, history[-1])
+            bar.close()
+            if eval_examples is not None:
+                history.append({"step": steps, "eval_loss": self.evaluate(lora, eval_examples)})
+                self._log(history[-1])
         if self.out_dir and sharding.is_main_process():
             plot_losses(history, os.path.join(self.out_dir, "loss.png"))
         if getattr(self, "_tb", None) is not None:

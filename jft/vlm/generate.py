@@ -9,7 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jft.model import Generation, decode_outputs, eos_token_ids_of, pad_token_id_of
+from jft.memory import explain_out_of_memory
+from jft.model import Generation, decode_outputs, eos_token_ids_of, generation_memory_advice, pad_token_id_of
 from jft.nn.generate import SAMPLING_STATICS, decode, left_pad
 from jft.nn.transformer import init_cache, logits_from_hidden
 from jft.vlm.model import hidden_states, make_batch, mrope_tables
@@ -53,7 +54,9 @@ def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 0
     ids, mask = left_pad([list(map(int, s)) for s in encoded["input_ids"]], pad)
     batch = make_batch(model.config, ids, mask, encoded.get("pixel_values"), encoded.get("image_grid_thw"))
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_token_ids_of(model)
-    out, lengths = generate_ids(model.config, model.params, lora, {k: v for k, v in batch.items() if k in _BATCH_KEYS},
-                                jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                                top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), eos_ids=eos, pad_id=pad)
-    return decode_outputs(model, out, lengths, eos, stop)
+    advice = generation_memory_advice(model, len(ids), max_new_tokens) + "; smaller images (the processor's max_pixels)"
+    with explain_out_of_memory("generation", advice):
+        out, lengths = generate_ids(model.config, model.params, lora, {k: v for k, v in batch.items() if k in _BATCH_KEYS},
+                                    jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                    top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), eos_ids=eos, pad_id=pad)
+        return decode_outputs(model, out, lengths, eos, stop)

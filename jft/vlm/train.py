@@ -17,6 +17,7 @@ import optax
 
 from jft import kernels
 from jft import lora as lora_lib
+from jft.memory import explain_out_of_memory, has_quantized_weights
 from jft.nn.layers import dense
 from jft.nn.transformer import output_weight
 from jft.nn.vision import mlp_targets
@@ -111,13 +112,24 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
     encoded = [collator.encode(e) for e in examples]
     rng = np.random.default_rng(seed)
     order, losses = [], []
-    for i in range(steps):
-        if len(order) < batch_size:
-            order += rng.permutation(len(encoded)).tolist()
-        picked, order = order[:batch_size], order[batch_size:]
-        batch = collator.collate_encoded([encoded[j] for j in picked])
-        lora, opt_state, metrics = step(model.params, lora, opt_state, batch)
-        losses.append(float(metrics["loss"]))
-        if log_every and (i + 1) % log_every == 0:
-            print(f"step {i + 1}: loss {losses[-1]:.4f}")
+    with explain_out_of_memory("the vision-language training step", _memory_advice(model, batch_size, collator)):
+        for i in range(steps):
+            if len(order) < batch_size:
+                order += rng.permutation(len(encoded)).tolist()
+            picked, order = order[:batch_size], order[batch_size:]
+            batch = collator.collate_encoded([encoded[j] for j in picked])
+            lora, opt_state, metrics = step(model.params, lora, opt_state, batch)
+            losses.append(float(metrics["loss"]))
+            if log_every and (i + 1) % log_every == 0:
+                print(f"step {i + 1}: loss {losses[-1]:.4f}")
     return lora, losses
+
+
+def _memory_advice(model, batch_size: int, collator) -> str:
+    options = [f"a smaller batch_size (now {batch_size})",
+               f"VisionCollator(max_seq_length=...) to cut long examples (now {collator.max_seq_length})",
+               f"smaller images (the processor's max_pixels, now {collator.processor.max_pixels})",
+               "init_lora(..., finetune_vision_layers=False)"]
+    if not has_quantized_weights(model.params):
+        options.append('quantize="nf4" in jft.vlm.load')
+    return "; ".join(options)

@@ -1,0 +1,92 @@
+"""Out-of-memory errors that say what ran out and what to change.
+
+XLA reports a step that does not fit in device memory as `jax.errors.JaxRuntimeError` with a
+RESOURCE_EXHAUSTED status. `explain_out_of_memory(work, advice)` turns that into `OutOfMemoryError`
+(a `MemoryError`) naming the work, the device, its memory and the options the caller suggests;
+the XLA error stays attached as `__cause__`. Every other error passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import jax
+
+from jft.quant import is_quantized
+
+
+class OutOfMemoryError(MemoryError):
+    """The work did not fit in device memory; the message says what to change."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(work: str, advice: str):
+    """Re-raises XLA's out-of-memory error inside the block as `OutOfMemoryError` about `work`
+    ("the SFT training step", ...) with `advice` ("a smaller batch_size (now 8), ...")."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemoryError(out_of_memory_message(work, advice, str(e), _device_summary())) from e
+
+
+def out_of_memory_message(work: str, advice: str, xla_message: str, device: str) -> str:
+    """One line: where it ran out, on which device, how much XLA asked for, and what to try."""
+    status = xla_message.split("\n", 1)[0]  # GPU messages go on with a dump of the largest buffers
+    # XLA:TPU's compiler refuses a program that cannot fit before it runs ("compile permanent error")
+    where = f"while compiling {work}" if "compil" in status.lower() else f"in {work}"
+    need = _requested(status)
+    return f"out of device memory {where} on {device}{f'; {need}' if need else ''}. Try: {advice}."
+
+
+def _requested(status: str) -> str | None:
+    """What XLA could not get, from its status line: GPU/CPU give the allocation in bytes, TPU the total."""
+    found = re.search(r"\((\d+)B\)", status) or re.search(r"(\d+) bytes", status)
+    if found:
+        return f"XLA could not allocate {format_bytes(int(found.group(1)))}"
+    found = re.search(r"Used (\S+) of (\S+) (\w+)", status)
+    if found:
+        return f"the program needs {found.group(1)} of {found.group(2)} {found.group(3)}"
+    return None
+
+
+def has_quantized_weights(params) -> bool:
+    """Whether the model was loaded with quantize= (a smaller load is then no longer an option)."""
+    return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
+
+
+def _device_summary() -> str:
+    devices = jax.local_devices()
+    first = devices[0]
+    text = f"{first.platform}:{first.id}"
+    if first.device_kind.lower() != first.platform:
+        text += f" ({first.device_kind})"
+    if len(devices) > 1:
+        text += f" and {len(devices) - 1} more"
+    stats = first.memory_stats()  # None on CPU
+    return f"{text}, {memory_in_use(stats)}" if stats else text
+
+
+def memory_in_use(stats: dict) -> str:
+    """`Device.memory_stats()` as "70.1 GiB of 79.2 GiB in use (peak 79.0 GiB)"."""
+    text = format_bytes(stats.get("bytes_in_use", 0))
+    if "bytes_limit" in stats:
+        text += f" of {format_bytes(stats['bytes_limit'])}"
+    text += " in use"
+    if "peak_bytes_in_use" in stats:
+        text += f" (peak {format_bytes(stats['peak_bytes_in_use'])})"
+    return text
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
