@@ -49,6 +49,9 @@ def resolve_path(path_or_id: str | os.PathLike) -> str:
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return path
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path} is a file, not a model directory: give the directory holding config.json "
+                                "and the weights, or a hub id")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
         raise FileNotFoundError(f"model directory not found: {path}")
     try:

@@ -76,6 +76,12 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--lr", "-1"), "learning_rate must be positive"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--grad-accum", "0"), "grad_accum must be"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--dropout", "2"), "dropout must be in [0, 1)"),
+        (("train", "--model", str(tmp_path / "afile"), "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o")),
+         "afile is a file, not a model directory"),
+        (("export", "--base", str(tmp_path / "afile"), "--format", "merged", "--out", str(tmp_path / "m")),
+         "afile is a file, not a model directory"),
+        (("generate", "--model", base, "--lora", str(tmp_path / "afile"), "--prompt", "hi"),
+         "afile is a file, not an adapter directory"),
         (("generate", "--model", base, "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens must be a positive"),
         (("generate", "--model", base, "--prompt", "hi", "--top-p", "5"), "top_p must be in (0, 1]"),
         (("grpo", "--model", base, "--dataset", GSM8K_TRAIN, "--reward", "nosuchmodule:fn", "--out", str(tmp_path / "g")),
@@ -104,3 +110,4 @@ def test_generate_asks_in_the_chat_template_unless_raw(base):
         r = _jft("generate", "--model", base, "--prompt", "Hello", "--max-new-tokens", "6", *flags)
         assert r.returncode == 0, r.stderr
         assert r.stdout == f"### Hello\n{expected[mode]}\n\n", mode
+

@@ -119,6 +119,9 @@ def save_lora(model, lora: LoRA, directory) -> None:
 
 
 def _read_adapter_config(directory) -> dict:
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"{directory} is a file, not an adapter directory: give the directory holding "
+                                 "adapter_config.json and adapter_model.safetensors")
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
