@@ -82,6 +82,8 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
          "afile is a file, not a model directory"),
         (("generate", "--model", base, "--lora", str(tmp_path / "afile"), "--prompt", "hi"),
          "afile is a file, not an adapter directory"),
+        (("export", "--base", base, "--format", "merged", "--quant", "q8_0", "--out", str(tmp_path / "m")),
+         "--quant applies to --format gguf only"),
         (("generate", "--model", base, "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens must be a positive"),
         (("generate", "--model", base, "--prompt", "hi", "--top-p", "5"), "top_p must be in (0, 1]"),
         (("grpo", "--model", base, "--dataset", GSM8K_TRAIN, "--reward", "nosuchmodule:fn", "--out", str(tmp_path / "g")),
