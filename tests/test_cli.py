@@ -113,3 +113,10 @@ def test_generate_asks_in_the_chat_template_unless_raw(base):
         assert r.returncode == 0, r.stderr
         assert r.stdout == f"### Hello\n{expected[mode]}\n\n", mode
 
+
+def test_export_gguf_writes_a_quant_named_twice_once(base, tmp_path):
+    out = tmp_path / "model.gguf"
+    r = _jft("export", "--base", base, "--format", "gguf", "--quant", "q8_0,Q8_0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"wrote {out}"]
+    assert sorted(os.listdir(tmp_path)) == ["Modelfile", "model.gguf"]

@@ -357,7 +357,7 @@ def save_gguf(model, lora, path, quant: str | Sequence[str] = "f16", *, modelfil
     names = [quant] if isinstance(quant, str) else list(quant)
     if not names:
         raise GGUFExportError("no quantization method given")
-    methods = [gq.resolve_quant_method(n) for n in names]
+    methods = list(dict.fromkeys(gq.resolve_quant_method(n) for n in names))  # a name given twice is one file
     path = os.fspath(path)
     tok_kv = tokenizer_kv(model.tokenizer, config)
     weights = _Weights(model.params, lora, config.num_layers)
