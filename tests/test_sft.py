@@ -169,6 +169,11 @@ def test_bad_arguments_are_reported_when_the_trainer_is_made(tiny):
             jft.train.SFT(tiny, lora, max_seq_length=bad)
     with pytest.raises(ValueError, match="unknown remat policy 'bogus'"):
         jft.train.SFT(tiny, lora, remat="bogus")
+    with pytest.raises(ValueError, match="the LoRA has no targets"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=2, targets=[]))
+    with pytest.raises(ValueError, match=r"layers=\(5,\) select none of the model's 2 layers"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=2, layers=[5]))
+    jft.train.SFT(tiny, jft.lora.init(tiny, r=2, targets=[], train_embeddings=True))  # the embeddings alone train
 
 
 def test_fewer_packed_rows_than_a_batch_still_train(tiny):

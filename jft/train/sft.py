@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
+from jft.lora import check_trains_something
 from jft.train.checkpoint import start_run
 from jft.model import pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
@@ -98,6 +99,7 @@ class SFT:
             raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
+        check_trains_something(lora, model.config.num_layers)
         self.mesh = mesh
         sharding.check_rows(batch_size, mesh, f"batch_size={batch_size} rows")
         if mesh is not None:
