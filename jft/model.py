@@ -18,6 +18,7 @@ from jft.nn import generate as gen
 from jft.nn import transformer
 
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclasses.dataclass
@@ -63,8 +64,12 @@ def resolve_path(path_or_id: str | os.PathLike) -> str:
                       "If you are offline, pass a local directory instead.") from e
 
 
+def _has_tokenizer_files(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
 def _load_tokenizer(path: str):
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not _has_tokenizer_files(path):
         return None
     from transformers import AutoTokenizer
 
@@ -164,11 +169,21 @@ def pad_token_id_of(model) -> int:
     return int(config.pad_token_id) if config.pad_token_id is not None else 0
 
 
+def no_tokenizer_error(model, instead: str | None = None) -> ValueError:
+    """The error for a model without a tokenizer where one is needed: which files its directory lacks,
+    and `instead` (what works without one), if anything."""
+    alternative = f", or {instead}" if instead else ""
+    if model.path and not _has_tokenizer_files(model.path):
+        return ValueError(f"{model.path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): copy the tokenizer "
+                          f"files of the model it comes from into that directory{alternative}")
+    return ValueError(f"this model has no tokenizer: load it with one (jft.load(..., tokenizer=True)){alternative}")
+
+
 def _as_token_lists(model: Model, prompts) -> list[list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if prompts and isinstance(prompts[0], str):
         if model.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids instead of strings")
+            raise no_tokenizer_error(model, "pass token ids instead of strings")
         return [model.tokenizer(p)["input_ids"] for p in prompts]
     return [[int(t) for t in p] for p in prompts]
 

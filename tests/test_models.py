@@ -1,6 +1,8 @@
 """The decoder against transformers: logits, greedy generation, checkpoint round trips, bad input."""
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -140,6 +142,21 @@ def test_missing_directory_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="Hugging Face hub"):
         jft.load("some-org/some-model-that-is-not-cached")
+
+
+def test_a_model_directory_without_tokenizer_files_is_named(llama_dir, tmp_path):
+    from jft.convert.gguf import save_gguf
+
+    model = jft.load(str(llama_dir), dtype="float32")  # save_hf_model writes no tokenizer
+    missing = f"{llama_dir} has no tokenizer (none of tokenizer.json, tokenizer.model, tokenizer_config.json): copy"
+    with pytest.raises(ValueError, match=re.escape(missing) + ".* or pass token ids"):
+        jft.generate(model, "hello")
+    with pytest.raises(ValueError, match=re.escape(missing) + ".* or pass tokenised examples"):
+        jft.train.SFT(model, jft.lora.init(model, r=2), progress=False).fit([{"text": "hello"}], steps=1)
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        save_gguf(model, None, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=r"has no tokenizer: load it with one \(jft.load\(..., tokenizer=True\)\), or pass token ids"):
+        jft.generate(dataclasses.replace(model, path=None), "hello")  # made in memory
 
 
 def test_old_rope_theta_config_layout_is_read(tmp_path):

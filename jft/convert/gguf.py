@@ -354,6 +354,10 @@ def save_gguf(model, lora, path, quant: str | Sequence[str] = "f16", *, modelfil
     """
     config: Config = model.config
     _check_supported(config)
+    if model.tokenizer is None:
+        from jft.model import no_tokenizer_error
+
+        raise GGUFExportError(f"{no_tokenizer_error(model)} (a GGUF file carries the tokenizer)")
     names = [quant] if isinstance(quant, str) else list(quant)
     if not names:
         raise GGUFExportError("no quantization method given")

@@ -24,7 +24,7 @@ from jft import sharding
 from jft.data.packing import empty_rows
 from jft.lora import check_trains_something
 from jft.train.checkpoint import start_run
-from jft.model import pad_token_id_of
+from jft.model import no_tokenizer_error, pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import REMAT_POLICIES, resolve_attention
 from jft.train.optim import adamw, schedule
@@ -124,7 +124,7 @@ class SFT:
         if len(rows) and "input_ids" in rows[0] and "labels" in rows[0]:
             return [{"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["labels"], np.int32)} for r in rows]
         if self.model.tokenizer is None:
-            raise ValueError("the model has no tokenizer: pass tokenised examples ({'input_ids', 'labels'})")
+            raise no_tokenizer_error(self.model, "pass tokenised examples ({'input_ids', 'labels'})")
         return jdata.prepare(dataset, self.model.tokenizer, self.max_seq_length, format=self.format,
                              template=self.template, responses_only=self.responses_only)
 
