@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.config import Config, load_config, read_config_json
+from jft.config import Config, load_config, read_config_json, read_json
 from jft.convert import hf
 from jft.nn import generate as gen
 from jft.nn import transformer
 
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclasses.dataclass
@@ -73,7 +74,13 @@ def _load_tokenizer(path: str):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        for name in _TOKENIZER_JSON_FILES:  # transformers does not say which file is malformed
+            if os.path.isfile(os.path.join(path, name)):
+                read_json(os.path.join(path, name))
+        raise
 
 
 def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_length: int | None = None,
@@ -153,10 +160,7 @@ def eos_token_ids_of(model) -> tuple[int, ...]:
         ids.add(int(tok.eos_token_id))
     gen_cfg = os.path.join(model.path or "", "generation_config.json")
     if model.path and os.path.isfile(gen_cfg):
-        import json
-
-        with open(gen_cfg) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = read_json(gen_cfg).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else eos or [])
     return tuple(sorted(ids))
 

@@ -68,10 +68,13 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
     (tmp_path / "afile").write_text("")
     (tmp_path / "bad.yaml").write_text("model: [base\n")
     (tmp_path / "list.yaml").write_text("- model\n")
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]\n')
     cases = [
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "afile")), "exists and is not a directory"),
         (("train", "--config", str(tmp_path / "bad.yaml")), "bad.yaml is not valid YAML"),
         (("train", "--config", str(tmp_path / "list.yaml")), "must hold a mapping"),
+        (("train", "--model", base, "--dataset", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")),
+         "bad.json' is not valid JSON at line 2, column 11"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--steps", "0"), "steps must be >= 1"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--lr", "-1"), "learning_rate must be positive"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--grad-accum", "0"), "grad_accum must be"),

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -157,6 +158,23 @@ def test_a_model_directory_without_tokenizer_files_is_named(llama_dir, tmp_path)
         save_gguf(model, None, tmp_path / "m.gguf")
     with pytest.raises(ValueError, match=r"has no tokenizer: load it with one \(jft.load\(..., tokenizer=True\)\), or pass token ids"):
         jft.generate(dataclasses.replace(model, path=None), "hello")  # made in memory
+
+
+def test_malformed_json_files_are_named(base, tmp_path):
+    model = jft.load(base, dtype="float32")
+    jft.convert.save_lora(model, jft.lora.init(model, r=2), tmp_path / "adapter")
+    jft.convert.save_pretrained(model, tmp_path / "sharded", max_shard_size=20_000)
+    cases = [("tokenizer.json", lambda d: jft.load(d)), ("tokenizer_config.json", lambda d: jft.load(d)),
+             ("generation_config.json", lambda d: jft.generate(jft.load(d), "hi", max_new_tokens=1)),
+             ("model.safetensors.index.json", lambda d: jft.load(d)),
+             ("adapter_config.json", lambda d: jft.convert.load_lora(model, d))]
+    for name, use in cases:
+        source = tmp_path / ("adapter" if name.startswith("adapter") else "sharded")
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(source, broken)
+        (broken / name).write_text('{"a": 1,\n "b": }')
+        with pytest.raises(ValueError, match=re.escape(f"{broken / name}: not valid JSON (") + ".*line 2 column 7"):
+            use(str(broken))
 
 
 def test_old_rope_theta_config_layout_is_read(tmp_path):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft.config import read_json
 from jft.convert.hf import _fused_parts, layer_modules
 from jft.convert.safetensors_io import CheckpointError, SafetensorsFile, atomic_write, save_file
 from jft.lora import TARGETS, LoRA, LoraConfig
@@ -125,8 +126,7 @@ def _read_adapter_config(directory) -> dict:
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for unsupported in ("use_dora", "fan_in_fan_out"):

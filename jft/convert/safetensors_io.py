@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from jft.config import read_json
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -188,8 +190,7 @@ class CheckpointFiles:
         directory = os.fspath(directory)
         index = os.path.join(directory, f"{prefix}.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
