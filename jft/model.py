@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -211,6 +212,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
         return generate_with_images(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     min_p=min_p, stop=stop, seed=seed, lora=lora, eos_token_ids=eos_token_ids)
     seqs = _as_token_lists(model, prompts)
+    _warn_past_context(model.config, max(map(len, seqs), default=0), max_new_tokens)
     pad = pad_token_id_of(model)
     ids, mask = gen.left_pad(seqs, pad)
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_token_ids_of(model)
@@ -219,6 +221,16 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         min_p=float(min_p), eos_ids=eos, pad_id=pad)
     return decode_outputs(model, out, lengths, eos, stop)
+
+
+def _warn_past_context(config: Config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Positions past max_position_embeddings compute (rotary tables are made per position, the cache
+    fits prompt + new tokens) as transformers does, but the model was not trained there."""
+    context = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > context:
+        warnings.warn(f"the longest prompt ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} goes past "
+                      f"the model's context of {context} tokens (max_position_embeddings): text generated beyond it "
+                      "is likely poor", stacklevel=3)
 
 
 def decode_outputs(model, out, lengths, eos: tuple[int, ...], stop: list[str] | None) -> Generation:

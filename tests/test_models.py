@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -175,6 +176,24 @@ def test_malformed_json_files_are_named(base, tmp_path):
         (broken / name).write_text('{"a": 1,\n "b": }')
         with pytest.raises(ValueError, match=re.escape(f"{broken / name}: not valid JSON (") + ".*line 2 column 7"):
             use(str(broken))
+
+
+def test_generation_past_the_context_warns_and_still_equals_transformers(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = jft.load(str(llama_dir), dtype="float32")
+    context = model.config.max_position_embeddings
+    prompt = np.random.default_rng(4).integers(3, model.config.vocab_size, size=context - 4).tolist()
+    with pytest.warns(UserWarning, match=f"plus max_new_tokens=10 goes past the model's context of {context} tokens"):
+        ours = jft.generate(model, [prompt], max_new_tokens=10, eos_token_ids=()).ids[0]
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, len(prompt):].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jft.generate(model, [prompt[: context - 10]], max_new_tokens=10, eos_token_ids=())
 
 
 def test_old_rope_theta_config_layout_is_read(tmp_path):
