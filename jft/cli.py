@@ -150,6 +150,8 @@ def _save_adapter(model, lora, out: str, plot: str) -> None:
 def _export(args) -> int:
     import jft
 
+    if args.quant is not None and args.format != "gguf":
+        raise ValueError(f"--quant applies to --format gguf only (--format {args.format} does not take it)")
     quantize = "nf4" if args.format == "merged-4bit" else None
     model = jft.load(args.base, dtype="float32" if args.format == "gguf" else args.dtype, quantize=quantize)
     lora = jft.convert.load_lora(model, args.lora) if args.lora else None
@@ -164,7 +166,7 @@ def _export(args) -> int:
     else:
         from jft.convert.gguf import save_gguf
 
-        for path in save_gguf(model, lora, args.out, quant=[q.strip() for q in args.quant.split(",")]):
+        for path in save_gguf(model, lora, args.out, quant=[q.strip() for q in (args.quant or "q8_0").split(",")]):
             print(f"wrote {path}")
         return 0
     print(f"wrote {args.out}")
@@ -308,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", required=True, help="the base model (local dir or hub id)")
     e.add_argument("--lora", help="a PEFT adapter directory")
     e.add_argument("--format", required=True, choices=["lora", "merged", "merged-4bit", "gguf"])
-    e.add_argument("--quant", default="q8_0", help="GGUF quant types, comma separated (q4_k_m, q8_0, f16, ...)")
+    e.add_argument("--quant", help="GGUF quant types, comma separated (q4_k_m, q8_0, f16, ...; default q8_0)")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)

@@ -223,16 +223,21 @@ def config_from_hf(c: dict, where: str = "config.json") -> Config:
     )
 
 
+def read_json(path: str | os.PathLike, error: type[ValueError] = ValueError):
+    """The parsed content of a JSON file; a malformed one raises `error` naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{os.fspath(path)}: not valid JSON ({e})") from None
+
+
 def read_config_json(model_dir: str | os.PathLike) -> tuple[dict, str]:
     """The dict of a model directory's config.json, and its path."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {model_dir}")
-    try:
-        with open(path) as f:
-            return json.load(f), path
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, ConfigError), path
 
 
 def load_config(model_dir: str | os.PathLike) -> tuple[Config, dict]:

@@ -96,6 +96,18 @@ def init(model, r: int = 16, alpha: float = 16.0, targets=TARGETS, *, dropout: f
     return LoRA(weights, config)
 
 
+def check_trains_something(lora: LoRA, num_layers: int) -> None:
+    """Raises ValueError for a LoRA a trainer would run on without changing anything."""
+    layers = bool(lora.weights["layers"]) and lora.config.layer_mask(num_layers).any()
+    if layers or lora.weights.get("vision") or "embed" in lora.weights or "lm_head" in lora.weights:
+        return
+    if lora.weights["layers"]:
+        raise ValueError(f"the LoRA's layers={lora.config.layers} select none of the model's {num_layers} layers "
+                         f"(0 to {num_layers - 1}): training would change nothing")
+    raise ValueError("the LoRA has no targets: training would change nothing. Make it with targets such as "
+                     "'all-linear' or ['q', 'v']")
+
+
 def delta(lora: LoRA, target: str, num_layers: int):
     """The dense update scale * B @ A for one target, [L, out, in] fp32 (masked layers are zero)."""
     w = lora.weights["layers"][target]

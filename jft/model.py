@@ -6,19 +6,22 @@ import dataclasses
 import functools
 import os
 import re
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.config import Config, load_config, read_config_json
+from jft.config import Config, load_config, read_config_json, read_json
 from jft.convert import hf
 from jft.memory import explain_out_of_memory, has_quantized_weights
 from jft.nn import generate as gen
 from jft.nn import transformer
 
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclasses.dataclass
@@ -50,6 +53,9 @@ def resolve_path(path_or_id: str | os.PathLike) -> str:
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return path
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path} is a file, not a model directory: give the directory holding config.json "
+                                "and the weights, or a hub id")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
         raise FileNotFoundError(f"model directory not found: {path}")
     try:
@@ -61,12 +67,22 @@ def resolve_path(path_or_id: str | os.PathLike) -> str:
                       "If you are offline, pass a local directory instead.") from e
 
 
+def _has_tokenizer_files(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
 def _load_tokenizer(path: str):
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not _has_tokenizer_files(path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        for name in _TOKENIZER_JSON_FILES:  # transformers does not say which file is malformed
+            if os.path.isfile(os.path.join(path, name)):
+                read_json(os.path.join(path, name))
+        raise
 
 
 def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, max_seq_length: int | None = None,
@@ -146,10 +162,7 @@ def eos_token_ids_of(model) -> tuple[int, ...]:
         ids.add(int(tok.eos_token_id))
     gen_cfg = os.path.join(model.path or "", "generation_config.json")
     if model.path and os.path.isfile(gen_cfg):
-        import json
-
-        with open(gen_cfg) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = read_json(gen_cfg).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else eos or [])
     return tuple(sorted(ids))
 
@@ -162,11 +175,21 @@ def pad_token_id_of(model) -> int:
     return int(config.pad_token_id) if config.pad_token_id is not None else 0
 
 
+def no_tokenizer_error(model, instead: str | None = None) -> ValueError:
+    """The error for a model without a tokenizer where one is needed: which files its directory lacks,
+    and `instead` (what works without one), if anything."""
+    alternative = f", or {instead}" if instead else ""
+    if model.path and not _has_tokenizer_files(model.path):
+        return ValueError(f"{model.path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): copy the tokenizer "
+                          f"files of the model it comes from into that directory{alternative}")
+    return ValueError(f"this model has no tokenizer: load it with one (jft.load(..., tokenizer=True)){alternative}")
+
+
 def _as_token_lists(model: Model, prompts) -> list[list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if prompts and isinstance(prompts[0], str):
         if model.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids instead of strings")
+            raise no_tokenizer_error(model, "pass token ids instead of strings")
         return [model.tokenizer(p)["input_ids"] for p in prompts]
     return [[int(t) for t in p] for p in prompts]
 
@@ -190,6 +213,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
         return generate_with_images(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     min_p=min_p, stop=stop, seed=seed, lora=lora, eos_token_ids=eos_token_ids)
     seqs = _as_token_lists(model, prompts)
+    _warn_past_context(model.config, max(map(len, seqs), default=0), max_new_tokens)
     pad = pad_token_id_of(model)
     ids, mask = gen.left_pad(seqs, pad)
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_token_ids_of(model)
@@ -207,6 +231,16 @@ def generation_memory_advice(model, prompts: int, max_new_tokens: int) -> str:
     if not has_quantized_weights(model.params):
         options.append('quantize="nf4" in jft.load')
     return "; ".join(options)
+
+
+def _warn_past_context(config: Config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Positions past max_position_embeddings compute (rotary tables are made per position, the cache
+    fits prompt + new tokens) as transformers does, but the model was not trained there."""
+    context = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > context:
+        warnings.warn(f"the longest prompt ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} goes past "
+                      f"the model's context of {context} tokens (max_position_embeddings): text generated beyond it "
+                      "is likely poor", stacklevel=3)
 
 
 def decode_outputs(model, out, lengths, eos: tuple[int, ...], stop: list[str] | None) -> Generation:

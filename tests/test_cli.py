@@ -68,14 +68,25 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(base, tmp_path):
     (tmp_path / "afile").write_text("")
     (tmp_path / "bad.yaml").write_text("model: [base\n")
     (tmp_path / "list.yaml").write_text("- model\n")
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]\n')
     cases = [
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "afile")), "exists and is not a directory"),
         (("train", "--config", str(tmp_path / "bad.yaml")), "bad.yaml is not valid YAML"),
         (("train", "--config", str(tmp_path / "list.yaml")), "must hold a mapping"),
+        (("train", "--model", base, "--dataset", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")),
+         "bad.json' is not valid JSON at line 2, column 11"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--steps", "0"), "steps must be >= 1"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--lr", "-1"), "learning_rate must be positive"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--grad-accum", "0"), "grad_accum must be"),
         (("train", "--model", base, "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o"), "--dropout", "2"), "dropout must be in [0, 1)"),
+        (("train", "--model", str(tmp_path / "afile"), "--dataset", GSM8K_TRAIN, "--out", str(tmp_path / "o")),
+         "afile is a file, not a model directory"),
+        (("export", "--base", str(tmp_path / "afile"), "--format", "merged", "--out", str(tmp_path / "m")),
+         "afile is a file, not a model directory"),
+        (("generate", "--model", base, "--lora", str(tmp_path / "afile"), "--prompt", "hi"),
+         "afile is a file, not an adapter directory"),
+        (("export", "--base", base, "--format", "merged", "--quant", "q8_0", "--out", str(tmp_path / "m")),
+         "--quant applies to --format gguf only"),
         (("generate", "--model", base, "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens must be a positive"),
         (("generate", "--model", base, "--prompt", "hi", "--top-p", "5"), "top_p must be in (0, 1]"),
         (("grpo", "--model", base, "--dataset", GSM8K_TRAIN, "--reward", "nosuchmodule:fn", "--out", str(tmp_path / "g")),
@@ -121,3 +132,11 @@ def test_generate_asks_in_the_chat_template_unless_raw(base):
         r = _jft("generate", "--model", base, "--prompt", "Hello", "--max-new-tokens", "6", *flags)
         assert r.returncode == 0, r.stderr
         assert r.stdout == f"### Hello\n{expected[mode]}\n\n", mode
+
+
+def test_export_gguf_writes_a_quant_named_twice_once(base, tmp_path):
+    out = tmp_path / "model.gguf"
+    r = _jft("export", "--base", base, "--format", "gguf", "--quant", "q8_0,Q8_0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"wrote {out}"]
+    assert sorted(os.listdir(tmp_path)) == ["Modelfile", "model.gguf"]

@@ -476,3 +476,15 @@ def test_batches_pad_to_the_smallest_bucket():
     assert [b["input_ids"].shape[1] for b in D.batches(examples[:1], 1)] == [256]
     with pytest.raises(ValueError, match="longer than the largest bucket 64"):
         D.batches(examples, 4, buckets=(16, 64))
+
+
+def test_malformed_json_names_the_file_and_line(tmp_path):
+    cases = {
+        "rows.jsonl": ('{"text": "a"}\n{"text": "b"}\n{"text": \n{"text": "c"}\n', "line 3, column 10"),
+        "rows.json": ('[{"text": "a"},\n {"text": }]\n', "line 2, column 11"),
+        "lines.json": ('{"text": "a"}\n{"text" "b"}\n', "line 2, column 9"),
+    }
+    for name, (text, where) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}' is not valid JSON at {where}"):
+            D.load(str(tmp_path / name))

@@ -51,3 +51,26 @@ def test_merged_bf16_config_says_bfloat16(tmp_path):
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert hf.dtype == torch.bfloat16
+
+
+def test_merged_save_replaces_an_older_model_in_the_directory(tmp_path):
+    save_hf_model("llama", tmp_path / "base")
+    model = jft.load(str(tmp_path / "base"), dtype="float32")
+    lora = _random_b(jft.lora.init(model, r=4, alpha=8, key=jax.random.key(0)), jax.random.key(1))
+    out = tmp_path / "merged"
+    jft.convert.save_merged(model, None, out, dtype="float32", max_shard_size=40_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    (out / "README.md").write_text("notes")
+    (out / "adapter_model.safetensors").write_bytes(b"not ours")
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(1, 8))
+    expected = np.asarray(jft.forward(model, ids, lora=lora))
+    for shard_size in (None, 40_000):  # sharded -> one file, then one file -> sharded
+        jft.convert.save_merged(model, lora, out, dtype="float32", **({"max_shard_size": shard_size} if shard_size else {}))
+        weights = sorted(p.name for p in out.glob("model*"))
+        assert weights == (["model.safetensors"] if shard_size is None else
+                           sorted(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()))
+                           + ["model.safetensors.index.json"])
+        assert (out / "README.md").read_text() == "notes" and (out / "adapter_model.safetensors").exists()
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(hf(input_ids=torch.tensor(ids)).logits.numpy(), expected, atol=1e-4, rtol=0)

@@ -1,7 +1,11 @@
 """The decoder against transformers: logits, greedy generation, checkpoint round trips, bad input."""
 
+import dataclasses
 import json
 import math
+import re
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +145,56 @@ def test_missing_directory_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="Hugging Face hub"):
         jft.load("some-org/some-model-that-is-not-cached")
+
+
+def test_a_model_directory_without_tokenizer_files_is_named(llama_dir, tmp_path):
+    from jft.convert.gguf import save_gguf
+
+    model = jft.load(str(llama_dir), dtype="float32")  # save_hf_model writes no tokenizer
+    missing = f"{llama_dir} has no tokenizer (none of tokenizer.json, tokenizer.model, tokenizer_config.json): copy"
+    with pytest.raises(ValueError, match=re.escape(missing) + ".* or pass token ids"):
+        jft.generate(model, "hello")
+    with pytest.raises(ValueError, match=re.escape(missing) + ".* or pass tokenised examples"):
+        jft.train.SFT(model, jft.lora.init(model, r=2), progress=False).fit([{"text": "hello"}], steps=1)
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        save_gguf(model, None, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=r"has no tokenizer: load it with one \(jft.load\(..., tokenizer=True\)\), or pass token ids"):
+        jft.generate(dataclasses.replace(model, path=None), "hello")  # made in memory
+
+
+def test_malformed_json_files_are_named(base, tmp_path):
+    model = jft.load(base, dtype="float32")
+    jft.convert.save_lora(model, jft.lora.init(model, r=2), tmp_path / "adapter")
+    jft.convert.save_pretrained(model, tmp_path / "sharded", max_shard_size=20_000)
+    cases = [("tokenizer.json", lambda d: jft.load(d)), ("tokenizer_config.json", lambda d: jft.load(d)),
+             ("generation_config.json", lambda d: jft.generate(jft.load(d), "hi", max_new_tokens=1)),
+             ("model.safetensors.index.json", lambda d: jft.load(d)),
+             ("adapter_config.json", lambda d: jft.convert.load_lora(model, d))]
+    for name, use in cases:
+        source = tmp_path / ("adapter" if name.startswith("adapter") else "sharded")
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(source, broken)
+        (broken / name).write_text('{"a": 1,\n "b": }')
+        with pytest.raises(ValueError, match=re.escape(f"{broken / name}: not valid JSON (") + ".*line 2 column 7"):
+            use(str(broken))
+
+
+def test_generation_past_the_context_warns_and_still_equals_transformers(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = jft.load(str(llama_dir), dtype="float32")
+    context = model.config.max_position_embeddings
+    prompt = np.random.default_rng(4).integers(3, model.config.vocab_size, size=context - 4).tolist()
+    with pytest.warns(UserWarning, match=f"plus max_new_tokens=10 goes past the model's context of {context} tokens"):
+        ours = jft.generate(model, [prompt], max_new_tokens=10, eos_token_ids=()).ids[0]
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, len(prompt):].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jft.generate(model, [prompt[: context - 10]], max_new_tokens=10, eos_token_ids=())
 
 
 def test_old_rope_theta_config_layout_is_read(tmp_path):

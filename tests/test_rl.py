@@ -390,6 +390,12 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     assert "mean reward" in outputs
 
 
+def test_a_lora_without_targets_is_refused(llama):
+    _, model = llama
+    with pytest.raises(ValueError, match="the LoRA has no targets"):
+        GRPO(model, jft.lora.init(model, r=2, targets=[]), [answers_with_a_digit])
+
+
 def test_resume_gives_identical_lora(tmp_path):
     model, rows = _digit_sum_task(tmp_path / "model")
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,24 @@ def test_resume_gives_identical_lora(tiny, tmp_path):
         jft.train.SFT(tiny, jft.lora.init(tiny, r=4), out_dir=str(tmp_path / "fresh"), **kw).fit(rows, steps=1, resume=True)
 
 
+def test_resume_with_other_lora_settings_names_what_differs(tiny, tmp_path):
+    rows, out = _gsm8k_rows("train", 4), str(tmp_path / "run")
+    kw = dict(max_seq_length=384, batch_size=2, progress=False, out_dir=out, checkpoint_every=1)
+    jft.train.SFT(tiny, jft.lora.init(tiny, r=4, alpha=8), **kw).fit(rows, steps=1)
+    where = re.escape(os.path.join(out, "checkpoints"))
+    for lora, differ in ((jft.lora.init(tiny, r=8, alpha=8), "has LoRA r=4, this run has r=8"),
+                         (jft.lora.init(tiny, r=4, alpha=16), "has LoRA alpha=8.0, this run has alpha=16.0"),
+                         (jft.lora.init(tiny, r=4, alpha=8, targets=["q", "v"]),
+                          "has LoRA targets=q,k,v,o,gate,up,down, this run has targets=q,v")):
+        with pytest.raises(ValueError, match=f"the checkpoint in {where} {differ}: resume with"):
+            jft.train.SFT(tiny, lora, **kw).fit(rows, steps=2, resume=True)
+    os.remove(os.path.join(out, "checkpoints", "lora-1.json"))  # as written before these files existed
+    with pytest.raises(ValueError, match=f"the checkpoint in {where} does not fit this run's LoRA"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=8, alpha=8), **kw).fit(rows, steps=2, resume=True)
+    state = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, alpha=8, dropout=0.1), **kw).fit(rows, steps=2, resume=True)
+    assert [h["step"] for h in state.history] == [1, 2]  # dropout may change on resume
+
+
 def test_offloaded_embedding_trains_like_the_device_one(tiny):
     rows = _gsm8k_rows("train", 24)
     kw = dict(learning_rate=1e-3, max_seq_length=384, batch_size=4, grad_accum=2, packing=True, progress=False, seed=2,
@@ -169,6 +188,11 @@ def test_bad_arguments_are_reported_when_the_trainer_is_made(tiny):
             jft.train.SFT(tiny, lora, max_seq_length=bad)
     with pytest.raises(ValueError, match="unknown remat policy 'bogus'"):
         jft.train.SFT(tiny, lora, remat="bogus")
+    with pytest.raises(ValueError, match="the LoRA has no targets"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=2, targets=[]))
+    with pytest.raises(ValueError, match=r"layers=\(5,\) select none of the model's 2 layers"):
+        jft.train.SFT(tiny, jft.lora.init(tiny, r=2, layers=[5]))
+    jft.train.SFT(tiny, jft.lora.init(tiny, r=2, targets=[], train_embeddings=True))  # the embeddings alone train
 
 
 def test_fewer_packed_rows_than_a_batch_still_train(tiny):

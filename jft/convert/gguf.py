@@ -363,10 +363,14 @@ def save_gguf(model, lora, path, quant: str | Sequence[str] = "f16", *, modelfil
     """
     config: Config = model.config
     _check_supported(config)
+    if model.tokenizer is None:
+        from jft.model import no_tokenizer_error
+
+        raise GGUFExportError(f"{no_tokenizer_error(model)} (a GGUF file carries the tokenizer)")
     names = [quant] if isinstance(quant, str) else list(quant)
     if not names:
         raise GGUFExportError("no quantization method given")
-    methods = [gq.resolve_quant_method(n) for n in names]
+    methods = list(dict.fromkeys(gq.resolve_quant_method(n) for n in names))  # a name given twice is one file
     path = os.fspath(path)
     tok_kv = tokenizer_kv(model.tokenizer, config)
     weights = _Weights(model.params, lora, config.num_layers)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft.config import read_json
 from jft.convert.hf import _fused_parts, layer_modules
 from jft.convert.safetensors_io import CheckpointError, SafetensorsFile, atomic_write, save_file
 from jft.lora import TARGETS, LoRA, LoraConfig
@@ -119,11 +120,13 @@ def save_lora(model, lora: LoRA, directory) -> None:
 
 
 def _read_adapter_config(directory) -> dict:
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"{directory} is a file, not an adapter directory: give the directory holding "
+                                 "adapter_config.json and adapter_model.safetensors")
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for unsupported in ("use_dora", "fan_in_fan_out"):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import struct
 from collections.abc import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from jft.config import read_json
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -129,8 +132,8 @@ def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], directory, *, max_sh
                  prefix: str = "model", metadata: Mapping[str, str] | None = None) -> list[str]:
     """Writes tensors into shards of at most `max_shard_bytes` plus an index json when there are several.
 
-    Tensors are consumed one shard at a time, so at most one shard is held in memory.
-    Returns the written file names.
+    Tensors are consumed one shard at a time, so at most one shard is held in memory. Weight files of
+    an earlier save into `directory` that this one did not write are removed. Returns the written file names.
     """
     names, weight_map, total = [], {}, 0
 
@@ -163,11 +166,21 @@ def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], directory, *, max_sh
         os.replace(os.path.join(directory, partial), os.path.join(directory, final))
         names.append(final)
         weight_map.update({k: final for k in keys})
+    index_name = f"{prefix}.safetensors.index.json"
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(os.path.join(directory, f"{prefix}.safetensors.index.json"),
-                     lambda f: f.write(json.dumps(index, indent=2)), mode="w")
+        atomic_write(os.path.join(directory, index_name), lambda f: f.write(json.dumps(index, indent=2)), mode="w")
+    _remove_stale_weights(directory, prefix, keep={*names, index_name} if n > 1 else set(names))
     return names
+
+
+def _remove_stale_weights(directory, prefix: str, keep: set[str]) -> None:
+    """Deletes the weight files and index of an earlier save into `directory` that are not in `keep`:
+    a loader would mix them in (an old index pointing at old shards even wins over a new single file)."""
+    weights = re.compile(rf"{re.escape(prefix)}(-\d+-of-\d+)?\.safetensors")
+    for name in os.listdir(directory):
+        if (weights.fullmatch(name) or name == f"{prefix}.safetensors.index.json") and name not in keep:
+            os.remove(os.path.join(directory, name))
 
 
 class CheckpointFiles:
@@ -177,8 +190,7 @@ class CheckpointFiles:
         directory = os.fspath(directory)
         index = os.path.join(directory, f"{prefix}.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))

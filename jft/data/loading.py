@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -35,6 +36,39 @@ def _check_not_empty(dataset, source):
     return dataset
 
 
+def _json_syntax_error(path: str) -> str | None:
+    """Where an uncompressed .json/.jsonl file stops being JSON ("line N, column M: ..."), or None.
+    A .jsonl file, or a .json file whose first line is a value by itself, holds one value per line."""
+    ext = os.path.splitext(path.lower())[1]
+    if ext not in (".json", ".jsonl"):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    lines = text.splitlines()
+    if ext == ".json" and not _is_json(lines[0] if lines else ""):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: {e.msg}"
+        return None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number}, column {e.colno}: {e.msg}"
+    return None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def _load_file(path, split):
     import datasets
 
@@ -43,11 +77,14 @@ def _load_file(path, split):
     builder = _builder_for(path)
     try:
         return datasets.load_dataset(builder, data_files={"train": path}, split=split)
-    except ValueError as err:
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         # `datasets` words a file without rows as a split "corresponding to no data".
         if "no data" in str(err):
             raise ValueError(f"dataset {path!r} has no rows") from err
-        raise
+        where = _json_syntax_error(path)  # `datasets` names neither the file nor the line
+        if where:
+            raise ValueError(f"dataset file {path!r} is not valid JSON at {where}") from None
+        raise ValueError(f"cannot load dataset file {path!r}: {err.__cause__ or err}") from err
 
 
 def _load_directory(path, split):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.config import Config
+from jft.model import no_tokenizer_error
 from jft.nn import generate as gen
 from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
 
@@ -221,7 +222,8 @@ def rollout(config: Config, params, lora, prompts, prompt_lengths, key, *, slots
 # --- host side ---------------------------------------------------------------------------------
 
 
-def _tokenize(tokenizer, prompts) -> list[list[int]]:
+def _tokenize(model, prompts) -> list[list[int]]:
+    tokenizer = model.tokenizer
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -229,7 +231,7 @@ def _tokenize(tokenizer, prompts) -> list[list[int]]:
     for prompt in prompts:
         if isinstance(prompt, str):
             if tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids instead of strings")
+                raise no_tokenizer_error(model, "pass token ids instead of strings")
             bos = getattr(tokenizer, "bos_token", None)
             out.append(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"])
         else:
@@ -280,7 +282,7 @@ class JaxEngine:
     def generate(self, prompts, n: int = 1, sampling: SamplingParams = SamplingParams()) -> Completions:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        prompt_ids = _tokenize(self.tokenizer, prompts)
+        prompt_ids = _tokenize(self.model, prompts)
         if self.max_prompt_length:
             prompt_ids = [p[-self.max_prompt_length :] for p in prompt_ids]  # keep the end, as TRL does
         requests = [p for p in prompt_ids for _ in range(n)]

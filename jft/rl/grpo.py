@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jft import kernels, sharding
 from jft.config import Config
+from jft.lora import check_trains_something
 from jft.memory import explain_out_of_memory, has_quantized_weights
 from jft.nn.generate import bucket
 from jft.nn.layers import dense
@@ -264,6 +265,7 @@ class GRPO:
     def __init__(self, model, lora, reward_fns, engine=None, config: GRPOConfig | None = None, *,
                  optimizer: optax.GradientTransformation | None = None, mesh=None):
         self.config = config or GRPOConfig()
+        check_trains_something(lora, model.config.num_layers)
         self.mesh = mesh
         sharding.check_rows(self.config.batch_size, mesh,
                             f"prompts_per_step * num_generations = {self.config.batch_size} completions")

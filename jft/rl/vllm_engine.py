@@ -77,7 +77,7 @@ class VllmEngine:
     def generate(self, prompts, n: int = 1, sampling: SamplingParams = SamplingParams()) -> Completions:
         import vllm
 
-        prompt_ids = _tokenize(self.tokenizer, prompts)
+        prompt_ids = _tokenize(self.model, prompts)
         if self.max_prompt_length:
             prompt_ids = [p[-self.max_prompt_length :] for p in prompt_ids]
         stop_ids = self.eos_ids if sampling.stop_token_ids is None else tuple(sampling.stop_token_ids)

@@ -8,12 +8,29 @@ import warnings
 
 import jax
 
+from jft.config import read_json
 from jft.convert.safetensors_io import atomic_write
 from jft.sharding import is_main_process
 
+# What fixes a LoRA's weights and their meaning; dropout is left out: a resumed run may change it.
+_LORA_SETTINGS = ("r", "alpha", "targets", "use_rslora", "layers", "train_embeddings")
+
+
+def _lora_settings(lora) -> dict:
+    """The LoRA's settings as they read back from JSON (tuples as lists)."""
+    return json.loads(json.dumps({name: getattr(lora.config, name) for name in _LORA_SETTINGS}))
+
+
+def _describe(settings: dict, names: list[str]) -> str:
+    def value(v):
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    return ", ".join(f"{name}={value(settings.get(name))}" for name in names)
+
 
 class Checkpoints:
-    """out_dir/checkpoints/: orbax steps (the two newest kept) and history-<step>.json files."""
+    """out_dir/checkpoints/: orbax steps (the two newest kept), history-<step>.json and lora-<step>.json
+    (the LoRA's settings, checked on resume) files."""
 
     def __init__(self, out_dir: str):
         import orbax.checkpoint as ocp
@@ -23,6 +40,9 @@ class Checkpoints:
 
     def _history_path(self, step: int) -> str:
         return os.path.join(self.directory, f"history-{step}.json")
+
+    def _lora_path(self, step: int) -> str:
+        return os.path.join(self.directory, f"lora-{step}.json")
 
     def save(self, step: int, lora, opt_state, history: list[dict]) -> None:
         import orbax.checkpoint as ocp
@@ -35,6 +55,8 @@ class Checkpoints:
         with open(path + ".tmp", "w") as f:
             json.dump(history, f)
         os.replace(path + ".tmp", path)
+        settings = _lora_settings(lora)
+        atomic_write(self._lora_path(step), lambda f: json.dump(settings, f), mode="w")
 
     def restore(self, lora, opt_state):
         """(step, lora, opt_state, history) of the newest checkpoint, shaped and placed like the
@@ -44,11 +66,28 @@ class Checkpoints:
         step = self.manager.latest_step()
         if step is None:
             return None
+        self._check_lora(step, lora)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
-        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as e:  # a checkpoint without lora-<step>.json, of another shape
+            raise ValueError(f"the checkpoint in {self.directory} does not fit this run's LoRA ({e})") from None
         path = self._history_path(step)
         history = json.load(open(path)) if os.path.exists(path) else []
         return step, state["lora"], state["opt_state"], history
+
+    def _check_lora(self, step: int, lora) -> None:
+        """A clear error where the checkpoint's LoRA was made with other settings than this run's
+        (checkpoints written before these files existed are not checked)."""
+        path = self._lora_path(step)
+        if not os.path.exists(path):
+            return
+        saved, current = read_json(path), _lora_settings(lora)
+        differ = [name for name in _LORA_SETTINGS if saved.get(name) != current[name]]
+        if differ:
+            raise ValueError(f"the checkpoint in {self.directory} has LoRA {_describe(saved, differ)}, this run has "
+                             f"{_describe(current, differ)}: resume with the checkpoint's LoRA settings, or train "
+                             "into another output directory")
 
 
 def start_run(out_dir: str | None, *, checkpoint_every: int, resume: bool, lora, opt_state):

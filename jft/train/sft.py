@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
+from jft.lora import check_trains_something
 from jft.memory import explain_out_of_memory, has_quantized_weights
-from jft.train.checkpoint import start_run
-from jft.model import pad_token_id_of
+from jft.model import no_tokenizer_error, pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import REMAT_POLICIES, resolve_attention
+from jft.train.checkpoint import start_run
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
 
@@ -99,6 +100,7 @@ class SFT:
             raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
+        check_trains_something(lora, model.config.num_layers)
         self.mesh = mesh
         sharding.check_rows(batch_size, mesh, f"batch_size={batch_size} rows")
         if mesh is not None:
@@ -123,7 +125,7 @@ class SFT:
         if len(rows) and "input_ids" in rows[0] and "labels" in rows[0]:
             return [{"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["labels"], np.int32)} for r in rows]
         if self.model.tokenizer is None:
-            raise ValueError("the model has no tokenizer: pass tokenised examples ({'input_ids', 'labels'})")
+            raise no_tokenizer_error(self.model, "pass tokenised examples ({'input_ids', 'labels'})")
         return jdata.prepare(dataset, self.model.tokenizer, self.max_seq_length, format=self.format,
                              template=self.template, responses_only=self.responses_only)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jft.config import read_json
 from jft.convert.vlm import load_vlm_params
 from jft.model import _load_tokenizer, resolve_path
 from jft.vlm.config import VLMConfig, load_vlm_config
@@ -55,10 +56,7 @@ def load(path_or_id, *, dtype="bfloat16", quantize: str | None = None, tokenizer
 
 
 def is_vlm_dir(path) -> bool:
-    import json
-
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         return False
-    with open(cfg) as f:
-        return json.load(f).get("model_type") in ("qwen2_vl", "qwen2_5_vl")
+    return read_json(cfg).get("model_type") in ("qwen2_vl", "qwen2_5_vl")

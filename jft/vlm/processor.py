@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 
 import numpy as np
+
+from jft.config import read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -126,8 +127,7 @@ class ImageProcessor:
     def from_pretrained(cls, directory, vc=None) -> "ImageProcessor":
         path = os.path.join(directory, "preprocessor_config.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                return cls.from_dict(json.load(f))
+            return cls.from_dict(read_json(path))
         if vc is None:
             return cls()
         return cls.from_vision_config(vc)
