@@ -39,9 +39,13 @@ def explain_out_of_memory(work: str, advice: str):
 def out_of_memory_message(work: str, advice: str, xla_message: str, device: str) -> str:
     """One line: where it ran out, on which device, how much XLA asked for, and what to try."""
     status = xla_message.split("\n", 1)[0]  # GPU messages go on with a dump of the largest buffers
-    # XLA:TPU's compiler refuses a program that cannot fit before it runs ("compile permanent error")
-    where = f"while compiling {work}" if "compil" in status.lower() else f"in {work}"
+    # XLA:TPU's compiler refuses a program that cannot fit before it runs ("compile permanent error");
+    # XLA:GPU's autotuner, compiling, may fail to allocate a buffer to time a kernel with ("configs")
+    compiling = "compil" in status.lower() or "Failed to get configs" in status
+    where = f"while compiling {work}" if compiling else f"in {work}"
     need = _requested(status)
+    if need is None and (found := re.search(r"trying to allocate ([\d.]+ ?[KMGT]i?B)", xla_message)):
+        need = f"XLA could not allocate {found.group(1)}"  # the autotuner's failure, further down
     return f"out of device memory {where} on {device}{f'; {need}' if need else ''}. Try: {advice}."
 
 

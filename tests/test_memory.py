@@ -90,5 +90,11 @@ def test_messages_from_gpu_and_tpu():
     assert (out_of_memory_message("generation", "fewer prompts", tpu, "tpu:0 (TPU v5 lite)")
             == "out of device memory while compiling generation on tpu:0 (TPU v5 lite); the program needs 21.95G of "
                "15.48G hbm. Try: fewer prompts.")
+    autotuning = ("RESOURCE_EXHAUSTED: Failed to get configs for: 4 out of 87 instructions. See logs for all "
+                  "failures. Example failure: \n%gemm_fusion_dot.49 = f32[128,16,64,32] fusion(...). Status: "
+                  "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 256.02GiB with allocator GPU_0_bfc")
+    assert (out_of_memory_message("generation", "fewer prompts", autotuning, "gpu:0 (NVIDIA H200)")
+            == "out of device memory while compiling generation on gpu:0 (NVIDIA H200); XLA could not allocate "
+               "256.02GiB. Try: fewer prompts.")
     stats = {"bytes_in_use": 70 * 2**30, "bytes_limit": 79 * 2**30, "peak_bytes_in_use": 78.5 * 2**30}
     assert memory_in_use(stats) == "70.0 GiB of 79.0 GiB in use (peak 78.5 GiB)"
