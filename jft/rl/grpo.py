@@ -388,7 +388,6 @@ class GRPO:
                     lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 if not math.isfinite(metrics["loss"]):
-                    bar.close()
                     raise TrainingDiverged(f"loss became {metrics['loss']} at step {step + 1}; lower the learning rate "
                                            "or check the reward functions")
                 record = {"step": step + 1, **record, **metrics, "lr": float(lr_at(step * cfg.num_iterations)),
@@ -403,7 +402,6 @@ class GRPO:
                     checkpoints.save(step + 1, lora, opt_state, history)
                 for cb in callbacks:
                     cb(step + 1, record)
-            bar.close()
         if cfg.out_dir and sharding.is_main_process():
             plot_rewards(history, os.path.join(cfg.out_dir, "reward.png"))
             plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))

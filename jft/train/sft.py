@@ -218,7 +218,6 @@ class SFT:
                 if (step + 1) % self.log_every == 0 or step + 1 == steps:
                     loss = float(metrics["loss"])
                     if not math.isfinite(loss):
-                        bar.close()
                         where = f"; the last good checkpoint is in {self.out_dir}/checkpoints" if checkpoints else ""
                         raise TrainingDiverged(f"loss became {loss} at step {step + 1}{where}. Lower the learning rate "
                                                "or check the data.")
