@@ -60,9 +60,18 @@ def _requested(status: str) -> str | None:
     return None
 
 
-def has_quantized_weights(params) -> bool:
-    """Whether the model was loaded with quantize= (a smaller load is then no longer an option)."""
-    return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
+def quantize_option(params, loader: str = "jft.load") -> list[str]:
+    """quantize="nf4" as an option, unless the weights are quantized already."""
+    if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+        return []
+    return [f'quantize="nf4" in {loader}']
+
+
+def remat_option(remat: str) -> list[str]:
+    """A remat policy that keeps less on the device than `remat`, if there is one."""
+    if remat == "offload":
+        return []
+    return ['remat="offload"'] if remat == "full" else [f'remat="full" or "offload" (now "{remat}")']
 
 
 def _device_summary() -> str:

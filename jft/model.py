@@ -15,7 +15,7 @@ import numpy as np
 
 from jft.config import Config, load_config, read_config_json, read_json
 from jft.convert import hf
-from jft.memory import explain_out_of_memory, has_quantized_weights
+from jft.memory import explain_out_of_memory, quantize_option
 from jft.nn import generate as gen
 from jft.nn import transformer
 
@@ -228,9 +228,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
 def generation_memory_advice(model, prompts: int, max_new_tokens: int) -> str:
     """The KV cache grows with prompts x (prompt length + max_new_tokens)."""
     options = [f"fewer prompts at once (now {prompts})", f"a smaller max_new_tokens (now {max_new_tokens})"]
-    if not has_quantized_weights(model.params):
-        options.append('quantize="nf4" in jft.load')
-    return "; ".join(options)
+    return "; ".join(options + quantize_option(model.params))
 
 
 def _warn_past_context(config: Config, prompt_tokens: int, max_new_tokens: int) -> None:

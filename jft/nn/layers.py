@@ -121,8 +121,6 @@ def rope_tables(inv_freq, positions, scale: float = 1.0):
     """cos/sin of shape [B, T, rotary_dim] for integer positions [B, T] (split-half layout), times scale."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    if scale == 1.0:
-        return jnp.cos(emb), jnp.sin(emb)
     return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 

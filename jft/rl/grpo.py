@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from jft import kernels, sharding
 from jft.config import Config
 from jft.lora import check_trains_something
-from jft.memory import explain_out_of_memory, has_quantized_weights
+from jft.memory import explain_out_of_memory, quantize_option, remat_option
 from jft.nn.generate import bucket
 from jft.nn.layers import dense
 from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
@@ -337,20 +337,14 @@ class GRPO:
         if isinstance(self.engine, JaxEngine):
             options.append(f"engine=JaxEngine(model, lora, slots=...) with fewer slots (now {self.engine.slots}) "
                            "to decode fewer completions at once")
-        if not has_quantized_weights(self.model.params):
-            options.append('quantize="nf4" in jft.load')
-        return "; ".join(options)
+        return "; ".join(options + quantize_option(self.model.params))
 
     def _step_memory_advice(self) -> str:
         cfg = self.config
         options = [f"a smaller micro_batch_size (now {cfg.micro_batch_size or cfg.batch_size} of the {cfg.batch_size} "
                    "completions per gradient pass)", f"a smaller max_completion_length (now {cfg.max_completion_length})",
                    "fewer prompts_per_step or num_generations"]
-        if cfg.remat != "offload":
-            options.append('remat="offload"' if cfg.remat == "full" else f'remat="full" or "offload" (now "{cfg.remat}")')
-        if not has_quantized_weights(self.model.params):
-            options.append('quantize="nf4" in jft.load')
-        return "; ".join(options)
+        return "; ".join(options + remat_option(cfg.remat) + quantize_option(self.model.params))
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, prompts_dataset, steps: int, *, resume: bool = False, callbacks=()) -> GRPOState:

@@ -51,10 +51,7 @@ class Checkpoints:
         self.manager.wait_until_finished()
         if not is_main_process():
             return
-        path = self._history_path(step)
-        with open(path + ".tmp", "w") as f:
-            json.dump(history, f)
-        os.replace(path + ".tmp", path)
+        atomic_write(self._history_path(step), lambda f: json.dump(history, f), mode="w")
         settings = _lora_settings(lora)
         atomic_write(self._lora_path(step), lambda f: json.dump(settings, f), mode="w")
 
@@ -73,7 +70,7 @@ class Checkpoints:
         except ValueError as e:  # a checkpoint without lora-<step>.json, of another shape
             raise ValueError(f"the checkpoint in {self.directory} does not fit this run's LoRA ({e})") from None
         path = self._history_path(step)
-        history = json.load(open(path)) if os.path.exists(path) else []
+        history = read_json(path) if os.path.exists(path) else []
         return step, state["lora"], state["opt_state"], history
 
     def _check_lora(self, step: int, lora) -> None:

@@ -23,7 +23,7 @@ from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
 from jft.lora import check_trains_something
-from jft.memory import explain_out_of_memory, has_quantized_weights
+from jft.memory import explain_out_of_memory, quantize_option, remat_option
 from jft.model import no_tokenizer_error, pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import REMAT_POLICIES, resolve_attention
@@ -158,10 +158,7 @@ class SFT:
         """What to change when a step does not fit in device memory, given these settings."""
         options = [f"a smaller batch_size (now {self.batch_size}; a larger grad_accum, now {self.grad_accum}, keeps the "
                    "effective batch)", f"a smaller max_seq_length (now {self.max_seq_length})"]
-        if self.remat != "offload":
-            options.append('remat="offload"' if self.remat == "full" else f'remat="full" or "offload" (now "{self.remat}")')
-        if not has_quantized_weights(self.model.params):
-            options.append('quantize="nf4" in jft.load')
+        options += remat_option(self.remat) + quantize_option(self.model.params)
         if self.embed_table is None and not self.model.config.tie_embeddings:
             options.append("offload_embedding=True")
         if self.mesh is None and jax.device_count() > 1:

@@ -17,7 +17,7 @@ import optax
 
 from jft import kernels
 from jft import lora as lora_lib
-from jft.memory import explain_out_of_memory, has_quantized_weights
+from jft.memory import explain_out_of_memory, quantize_option
 from jft.nn.layers import dense
 from jft.nn.transformer import output_weight
 from jft.nn.vision import mlp_targets
@@ -130,6 +130,4 @@ def _memory_advice(model, batch_size: int, collator) -> str:
                f"VisionCollator(max_seq_length=...) to cut long examples (now {collator.max_seq_length})",
                f"smaller images (the processor's max_pixels, now {collator.processor.max_pixels})",
                "init_lora(..., finetune_vision_layers=False)"]
-    if not has_quantized_weights(model.params):
-        options.append('quantize="nf4" in jft.vlm.load')
-    return "; ".join(options)
+    return "; ".join(options + quantize_option(model.params, "jft.vlm.load"))
