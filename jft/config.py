@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")  # su: Phi-3's old name for longrope
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "su")  # su: Phi-3's old name for longrope
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,7 @@ class Rope:
     """Rotary embedding of one attention kind (full or sliding layers)."""
 
     theta: float = 10000.0
-    kind: str = "default"  # default | linear | llama3 | longrope
+    kind: str = "default"  # default | linear | llama3 | yarn | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -35,6 +35,12 @@ class Rope:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    # yarn (Qwen's long-context setting): pairs that turn more than beta_fast times over the original
+    # context keep their frequency, those that turn less than beta_slow times are divided by factor,
+    # a linear ramp between (its ends rounded outwards when truncate)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +115,40 @@ def _rope_from(params: dict | None, legacy: dict, default_theta: float, where: s
     rope = Rope(
         theta=float(theta),
         kind=kind,
-        factor=float(merged.get("factor", 1.0)),
-        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        factor=_number(merged, "factor", 1.0, where),
+        low_freq_factor=_number(merged, "low_freq_factor", 1.0, where),
+        high_freq_factor=_number(merged, "high_freq_factor", 4.0, where),
         original_max_position_embeddings=original,
     )
+    if kind == "yarn":
+        return _yarn(rope, merged, legacy, where)
     return _longrope(rope, merged, legacy, where, rotary_dim) if kind in ("longrope", "su") else rope
+
+
+def _yarn(rope: Rope, merged: dict, legacy: dict, where: str) -> Rope:
+    """A yarn config's numbers, with the defaults and the attention factor transformers derives."""
+    original = rope.original_max_position_embeddings
+    factor = _number(merged, "factor", legacy.get("max_position_embeddings", original) / original, where)
+    m, m_all = _number(merged, "mscale", 0.0, where), _number(merged, "mscale_all_dim", 0.0, where)
+
+    def magnitude(scale, weight=1.0):
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    derived = magnitude(factor, m) / magnitude(factor, m_all) if m and m_all else magnitude(factor)
+    return dataclasses.replace(rope, factor=factor, attention_factor=_number(merged, "attention_factor", derived, where),
+                               beta_fast=_number(merged, "beta_fast", 32.0, where) or 32.0,
+                               beta_slow=_number(merged, "beta_slow", 1.0, where) or 1.0,
+                               truncate=bool(merged.get("truncate", True)))
+
+
+def _number(scaling: dict, name: str, default: float, where: str) -> float:
+    """rope_scaling[name] as a float; the default when absent or null."""
+    value = scaling.get(name)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: rope_scaling.{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _longrope(rope: Rope, merged: dict, legacy: dict, where: str, rotary_dim: int) -> Rope:

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerFast
 
 import jft
 from jft.convert import gguf_quants
-from jft.convert.gguf import save_gguf
-from tests.tiny_models import FAMILIES, LONGROPE, save_hf_model
+from jft.convert.gguf import GGUFExportError, save_gguf
+from tests.tiny_models import FAMILIES, LONGROPE, YARN, YARN_TUNED, save_hf_model
 
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 # llama.cpp's CPU GELU goes through an fp16 lookup table, so the gelu families are ~1e-3 off
@@ -195,3 +195,28 @@ def test_phi3_longrope_factors_and_metadata_give_jft_logits(tmp_path):
     for ids, n_ctx in ((IDS, 256), (long_ids, 512)):
         ref = np.asarray(jft.forward(model, np.array([ids])))[0]
         np.testing.assert_allclose(_llama_logits(gguf_path, ids, n_ctx), ref, atol=1e-4, rtol=0)
+
+
+def test_qwen2_yarn_metadata_gives_jft_logits(tmp_path):
+    """llama.cpp derives YaRN's ramp and attention factor from rope.scaling.factor and
+    original_context_length alone, as transformers does for a config with the default settings."""
+    path = tmp_path / "tiny"
+    save_hf_model("qwen2", path, **YARN)
+    _save_tiny_tokenizer(path)
+    model = jft.load(str(path), dtype="float32", progress=False)
+    gguf_path = save_gguf(model, None, path / "model.gguf", "f32", modelfile=False, progress=False)[0]
+    fields = gguf.GGUFReader(gguf_path).fields
+    assert fields["qwen2.rope.scaling.type"].contents() == "yarn"
+    assert fields["qwen2.rope.scaling.factor"].contents() == 4.0
+    assert fields["qwen2.rope.scaling.original_context_length"].contents() == 64
+    ids = np.random.default_rng(12).integers(3, 384, size=120).tolist()
+    ref = np.asarray(jft.forward(model, np.array([ids])))[0]
+    np.testing.assert_allclose(_llama_logits(gguf_path, ids, 256), ref, atol=1e-4, rtol=0)
+
+
+def test_yarn_settings_llama_cpp_does_not_read_are_refused(tmp_path):
+    save_hf_model("qwen2", tmp_path / "tiny", **YARN_TUNED)
+    model = jft.load(str(tmp_path / "tiny"), dtype="float32", progress=False)
+    with pytest.raises(GGUFExportError, match="yarn .* fixed settings"):
+        save_gguf(model, None, tmp_path / "out" / "model.gguf", "f32", modelfile=False, progress=False)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

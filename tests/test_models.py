@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jft
-from tests.tiny_models import FAMILIES, LONGROPE, WINDOW, save_hf_model
+from tests.tiny_models import FAMILIES, LONGROPE, WINDOW, YARN, YARN_TUNED, save_hf_model
 
 SEQ = 3 * WINDOW + 5  # longer than the sliding window
 
@@ -385,3 +385,38 @@ def test_longrope_config_is_read_and_checked():
         config_from_hf(_phi3_config(type="longrope", long_factor=long))
     with pytest.raises(jft.ConfigError, match=r"short_factor as a list of numbers"):
         config_from_hf(_phi3_config(type="longrope", short_factor=["a"] * 6, long_factor=long))
+
+
+# --- YaRN (Qwen's long-context setting) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("yarn", [YARN, YARN_TUNED], ids=["defaults", "tuned"])
+def test_yarn_logits_and_greedy_generation_match_transformers(tmp_path, yarn):
+    """YaRN rescales the rotary frequencies (a ramp between original and interpolated) and multiplies
+    cos and sin by its attention factor, at every position; the tuned config changes beta_fast,
+    beta_slow, the truncated ramp and the attention factor (mscale / mscale_all_dim)."""
+    hf_model = save_hf_model("qwen2", tmp_path, **yarn)
+    model = jft.load(str(tmp_path), dtype="float32")
+    ids = np.random.default_rng(11).integers(3, model.config.vocab_size, size=(2, 90))
+    np.testing.assert_allclose(np.asarray(jft.forward(model, ids)), _hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+    prompt = ids[0, :30].tolist()
+    ours = jft.generate(model, [prompt], max_new_tokens=12, eos_token_ids=()).ids[0]
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, 30:].tolist()
+
+
+def test_yarn_config_is_read_and_checked():
+    from jft.config import config_from_hf
+
+    qwen = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 64, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 131072}
+    rope = config_from_hf({**qwen, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}).rope
+    assert (rope.kind, rope.factor, rope.original_max_position_embeddings) == ("yarn", 4.0, 32768)
+    assert (rope.beta_fast, rope.beta_slow, rope.truncate) == (32.0, 1.0, True)
+    assert rope.attention_factor == pytest.approx(1 + 0.1 * math.log(4.0))
+    implied = config_from_hf({**qwen, "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 32768}}).rope
+    assert implied.factor == 4.0  # max_position_embeddings / original, as transformers takes it
+    with pytest.raises(jft.ConfigError, match=r"rope_scaling\.beta_fast must be a number, got 'fast'"):
+        config_from_hf({**qwen, "rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": "fast"}})

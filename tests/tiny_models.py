@@ -34,6 +34,15 @@ LONGROPE = dict(original_max_position_embeddings=32, max_position_embeddings=128
     "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
     "short_factor": [1.0, 1.25, 2.5, 4.0], "long_factor": [1.5, 3.0, 8.0, 20.0]})
 
+# Qwen's long-context yarn on the tiny qwen2 (head_dim 16: eight frequency pairs, of which the ramp
+# from original to interpolated frequencies spans pairs 0-3 at an original context of 64)
+YARN = dict(max_position_embeddings=256, rope_parameters={
+    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+# the same with every setting llama.cpp does not read changed
+YARN_TUNED = dict(max_position_embeddings=256, rope_parameters={
+    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+    "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False, "mscale": 1.0, "mscale_all_dim": 0.5})
+
 _CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

@@ -205,6 +205,9 @@ def _model_kv(config: Config, method: gq.QuantMethod, name: str) -> list[tuple[s
     ]
     if config.rope.kind == "linear":
         kv += [(f"{arch}.rope.scaling.type", V.STRING, "linear"), (f"{arch}.rope.scaling.factor", V.FLOAT32, config.rope.factor)]
+    if config.rope.kind == "yarn":
+        kv += [(f"{arch}.rope.scaling.type", V.STRING, "yarn"), (f"{arch}.rope.scaling.factor", V.FLOAT32, config.rope.factor),
+               (f"{arch}.rope.scaling.original_context_length", V.UINT32, config.rope.original_max_position_embeddings)]
     if config.rope.kind == "longrope":
         kv += [(f"{arch}.rope.scaling.attn_factor", V.FLOAT32, config.rope.attention_factor),
                (f"{arch}.rope.scaling.original_context_length", V.UINT32, config.rope.original_max_position_embeddings)]
@@ -228,8 +231,16 @@ def _check_supported(config: Config) -> None:
         raise GGUFExportError("llama.cpp has no rope scaling for gemma3's sliding layers")
     if config.rope.kind == "longrope" and config.model_type != "phi3":
         raise GGUFExportError(f"llama.cpp reads longrope factors for phi3 only, not {config.model_type}")
+    if config.rope.kind == "yarn" and _yarn_beyond_llama_cpp(config.rope):
+        raise GGUFExportError("llama.cpp's yarn for this architecture has fixed settings (beta_fast 32, beta_slow 1, "
+                              "truncated ramp, attention factor 1 + 0.1 ln(factor)); this config changes them")
     if config.o_bias:
         raise GGUFExportError("attention output bias is not supported in GGUF export")
+
+
+def _yarn_beyond_llama_cpp(rope) -> bool:
+    return (rope.beta_fast, rope.beta_slow, rope.truncate) != (32.0, 1.0, True) or not math.isclose(
+        rope.attention_factor, 1 + 0.1 * math.log(rope.factor) if rope.factor > 1 else 1.0, rel_tol=1e-6)
 
 
 # --------------------------------------------------------------------------- tokenizer

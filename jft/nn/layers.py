@@ -97,7 +97,7 @@ def activation(name: str):
 
 
 def inv_frequencies(rope: Rope, rotary_dim: int, long: bool = False) -> np.ndarray:
-    """Per-pair inverse frequencies, with linear, llama3 or longrope scaling applied (fp32, numpy:
+    """Per-pair inverse frequencies, with linear, llama3, yarn or longrope scaling applied (fp32, numpy:
     static); `long` picks longrope's factors for forwards beyond the original context."""
     inv = 1.0 / (rope.theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
     inv = inv.astype(np.float32)
@@ -105,6 +105,16 @@ def inv_frequencies(rope: Rope, rotary_dim: int, long: bool = False) -> np.ndarr
         return inv / np.float32(rope.factor)
     if rope.kind == "longrope":
         return (inv / np.asarray(rope.long_factor if long else rope.short_factor, np.float32)).astype(np.float32)
+    if rope.kind == "yarn":
+        def pair_turning(times):  # the (fractional) pair index that turns `times` times over the original context
+            return rotary_dim * math.log(rope.original_max_position_embeddings / (times * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        low, high = pair_turning(rope.beta_fast), pair_turning(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low) / max(high - low, 0.001), 0, 1)
+        return (inv / np.float32(rope.factor) * ramp + inv * (1 - ramp)).astype(np.float32)
     if rope.kind == "llama3":
         old = rope.original_max_position_embeddings
         low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
@@ -129,7 +139,7 @@ def rope_for(rope: Rope, rotary_dim: int, positions):
     the forward reaches beyond the original context (its largest position + 1 exceeds it), else its
     short ones; the choice is traced, so one compiled step serves both."""
     if rope.kind != "longrope":
-        return rope_tables(inv_frequencies(rope, rotary_dim), positions)
+        return rope_tables(inv_frequencies(rope, rotary_dim), positions, rope.attention_factor)
     long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
     inv = jnp.where(long, inv_frequencies(rope, rotary_dim, long=True), inv_frequencies(rope, rotary_dim))
     return rope_tables(inv, positions, rope.attention_factor)
