@@ -138,6 +138,10 @@ def test_resume_with_other_lora_settings_names_what_differs(tiny, tmp_path):
         jft.train.SFT(tiny, jft.lora.init(tiny, r=8, alpha=8), **kw).fit(rows, steps=2, resume=True)
     state = jft.train.SFT(tiny, jft.lora.init(tiny, r=4, alpha=8, dropout=0.1), **kw).fit(rows, steps=2, resume=True)
     assert [h["step"] for h in state.history] == [1, 2]  # dropout may change on resume
+    jft.train.SFT(tiny, jft.lora.init(tiny, r=4, alpha=8), **kw).fit(rows, steps=4, resume=True)
+    # orbax keeps the two newest steps; the other steps' history and settings files go too
+    assert sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith(".json")) == [
+        "history-3.json", "history-4.json", "lora-3.json", "lora-4.json"]
 
 
 def test_offloaded_embedding_trains_like_the_device_one(tiny):

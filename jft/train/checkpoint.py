@@ -29,8 +29,8 @@ def _describe(settings: dict, names: list[str]) -> str:
 
 
 class Checkpoints:
-    """out_dir/checkpoints/: orbax steps (the two newest kept), history-<step>.json and lora-<step>.json
-    (the LoRA's settings, checked on resume) files."""
+    """out_dir/checkpoints/: orbax steps (the two newest kept), and for each of them history-<step>.json
+    and lora-<step>.json (the LoRA's settings, checked on resume)."""
 
     def __init__(self, out_dir: str):
         import orbax.checkpoint as ocp
@@ -54,6 +54,14 @@ class Checkpoints:
         atomic_write(self._history_path(step), lambda f: json.dump(history, f), mode="w")
         settings = _lora_settings(lora)
         atomic_write(self._lora_path(step), lambda f: json.dump(settings, f), mode="w")
+        self._remove_rotated()
+
+    def _remove_rotated(self) -> None:
+        """The history and settings files of steps orbax has rotated away."""
+        kept = {f"{kind}-{step}.json" for step in self.manager.all_steps() for kind in ("history", "lora")}
+        for name in os.listdir(self.directory):
+            if name.startswith(("history-", "lora-")) and name.endswith(".json") and name not in kept:
+                os.remove(os.path.join(self.directory, name))
 
     def restore(self, lora, opt_state):
         """(step, lora, opt_state, history) of the newest checkpoint, shaped and placed like the
