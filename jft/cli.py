@@ -40,7 +40,7 @@ _TRAIN_DEFAULTS = dict(quantize=None, dtype="bfloat16", r=16, alpha=16.0, dropou
                        use_rslora=False, train_embeddings=False, steps=None, epochs=None, lr=2e-4, embedding_lr=None,
                        batch_size=2, grad_accum=1, max_seq_length=2048, packing=False, template=None,
                        responses_only=True, format=None, warmup_steps=0, schedule="linear", weight_decay=0.0,
-                       remat="full", eval_dataset=None, eval_every=0, checkpoint_every=0, resume=False, seed=0,
+                       remat="auto", eval_dataset=None, eval_every=0, checkpoint_every=0, resume=False, seed=0,
                        split="train", mesh=None, offload_embedding=False, distributed=None)
 
 
@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int)
     t.add_argument("--schedule", choices=["linear", "cosine", "constant"])
     t.add_argument("--weight-decay", type=float)
-    t.add_argument("--remat", choices=["none", "full", "offload", "save_dots"])
+    t.add_argument("--remat", choices=["auto", "none", "full", "offload", "save_dots"],
+                   help="activation memory for speed; auto (the default): the fastest that fits the GPU")
     t.add_argument("--offload-embedding", action="store_const", const=True,
                    help="keep the frozen token embedding in host memory (untied models; 1 GiB less on an 8B)")
     t.add_argument("--eval-every", type=int)

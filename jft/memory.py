@@ -74,6 +74,22 @@ def remat_option(remat: str) -> list[str]:
     return ['remat="offload"'] if remat == "full" else [f'remat="full" or "offload" (now "{remat}")']
 
 
+def free_device_bytes() -> int | None:
+    """The least free memory among the local devices under XLA's allocator; None where a device does
+    not report it (CPU)."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    if any(not s or "bytes_limit" not in s for s in stats):
+        return None
+    return min(s["bytes_limit"] - s["bytes_in_use"] for s in stats)
+
+
+def allocated_bytes(compiled) -> int:
+    """Device memory a compiled call allocates beyond its arguments, per device: the outputs that do
+    not reuse a donated argument, and the temporaries."""
+    m = compiled.memory_analysis()
+    return m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
 def _device_summary() -> str:
     devices = jax.local_devices()
     first = devices[0]

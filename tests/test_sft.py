@@ -258,3 +258,36 @@ def test_metrics_go_to_tensorboard_too(tiny, tmp_path):
             tags.setdefault(v.tag, []).append(event.step)
         at += 12 + n + 4
     assert tags["sft/loss"] == [1, 2] and "sft/lr" in tags and "sft/grad_norm" in tags
+
+
+def test_auto_remat_takes_the_fastest_policy_that_fits(tiny, monkeypatch):
+    """remat="auto" compiles the step for a full batch and takes save_dots when XLA's figure for it fits
+    AUTO_REMAT_SHARE of the free device memory, else full, else offload. CPU devices report no memory,
+    so there it is full; the free memory of a GPU is stood in for here, the figures are XLA's own."""
+    import optax
+
+    import jft.train.sft as sft
+    from jft.data.packing import empty_rows
+    from jft.memory import allocated_bytes
+    from jft.train.step import make_sft_step
+
+    trainer = jft.train.SFT(tiny, _lora(tiny), max_seq_length=128, batch_size=2, progress=False)
+    optimizer = optax.adamw(1e-3)
+    params, lora = trainer._device_params(), _lora(tiny)
+    opt_state = optimizer.init(lora)
+    assert trainer._make_step(optimizer, params, lora, opt_state)[0] == "full"
+    batch = trainer._device_batch(empty_rows(2, 128, 0))
+    need = {policy: allocated_bytes(make_sft_step(tiny.config, optimizer, remat=policy, attn_impl=trainer.attention)
+                                    .lower(params, lora, opt_state, batch, jax.random.key(0)).compile())
+            for policy in ("save_dots", "full")}
+    assert need["save_dots"] > need["full"] / sft.AUTO_REMAT_SHARE + 1
+    for free, expected in ((need["save_dots"] / sft.AUTO_REMAT_SHARE + 1, "save_dots"),
+                           (need["full"] / sft.AUTO_REMAT_SHARE + 1, "full"), (need["full"], "offload")):
+        monkeypatch.setattr(sft, "free_device_bytes", lambda free=free: int(free))
+        assert trainer._make_step(optimizer, params, lora, opt_state)[0] == expected
+    rows = _gsm8k_rows("train", 8)
+    monkeypatch.setattr(sft, "free_device_bytes", lambda: 2**40)
+    auto = jft.train.SFT(tiny, _lora(tiny), max_seq_length=128, batch_size=2, progress=False).fit(rows, steps=2)
+    full = jft.train.SFT(tiny, _lora(tiny), max_seq_length=128, batch_size=2, progress=False, remat="full").fit(rows, steps=2)
+    assert (auto.remat, full.remat) == ("save_dots", "full")
+    np.testing.assert_allclose([h["loss"] for h in auto.history], [h["loss"] for h in full.history], rtol=1e-5)

@@ -23,13 +23,18 @@ from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
 from jft.lora import check_trains_something
-from jft.memory import explain_out_of_memory, quantize_option, remat_option
+from jft.memory import allocated_bytes, explain_out_of_memory, format_bytes, free_device_bytes, quantize_option, remat_option
 from jft.model import no_tokenizer_error, pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import REMAT_POLICIES, resolve_attention
 from jft.train.checkpoint import start_run
 from jft.train.optim import adamw, schedule
 from jft.train.step import eval_loss, make_sft_step
+
+
+# remat="auto" takes the fastest policy whose compiled step needs at most this share of the free device
+# memory (XLA's figure leaves out the allocator's fragmentation)
+AUTO_REMAT_SHARE = 0.85
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,6 +47,7 @@ class TrainState:
     opt_state: object
     step: int
     history: list[dict]
+    remat: str = "full"  # the remat policy the step ran with (what remat="auto" chose)
 
 
 def _batch_stream(examples, *, batch_size, seq_len, packing, pad_id, seed, start_step):
@@ -89,7 +95,7 @@ class SFT:
                  embedding_learning_rate: float | None = None, weight_decay: float = 0.0, lr_schedule: str = "linear",
                  warmup_steps: int = 0, max_seq_length: int = 2048, batch_size: int = 2, grad_accum: int = 1,
                  packing: bool = False, template: str | None = None, responses_only: bool = True, format: str | None = None,
-                 remat: str = "full", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
+                 remat: str = "auto", out_dir: str | None = None, checkpoint_every: int = 0, eval_every: int = 0,
                  log_every: int = 1, seed: int = 0, progress: bool = True, mesh=None, attention: str = "auto",
                  offload_embedding: bool = False):
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
@@ -98,8 +104,8 @@ class SFT:
             raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
         if not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
+        if remat != "auto" and remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose auto or one of {REMAT_POLICIES}")
         check_trains_something(lora, model.config.num_layers)
         self.mesh = mesh
         sharding.check_rows(batch_size, mesh, f"batch_size={batch_size} rows")
@@ -154,11 +160,12 @@ class SFT:
                 total, count = total + float(s), count + int(n)
         return total / max(count, 1)
 
-    def _memory_advice(self) -> str:
-        """What to change when a step does not fit in device memory, given these settings."""
+    def _memory_advice(self, remat: str | None = None) -> str:
+        """What to change when a step does not fit in device memory, given these settings (and the
+        remat policy in use)."""
         options = [f"a smaller batch_size (now {self.batch_size}; a larger grad_accum, now {self.grad_accum}, keeps the "
                    "effective batch)", f"a smaller max_seq_length (now {self.max_seq_length})"]
-        options += remat_option(self.remat) + quantize_option(self.model.params)
+        options += remat_option(remat or self.remat) + quantize_option(self.model.params)
         if self.embed_table is None and not self.model.config.tie_embeddings:
             options.append("offload_embedding=True")
         if self.mesh is None and jax.device_count() > 1:
@@ -187,8 +194,9 @@ class SFT:
         lr_at = schedule(self.opt_args["lr"], steps, kind=self.opt_args["schedule_kind"], warmup_steps=self.opt_args["warmup_steps"])
         lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
         opt_state = sharding.replicate(optimizer.init(lora), self.mesh)  # its counters too: restored there as well
-        step_fn = sharding.scoped(self.mesh, make_sft_step(self.model.config, optimizer, remat=self.remat,
-                                                           grad_accum=self.grad_accum, attn_impl=self.attention))
+        params = self._device_params()
+        with explain_out_of_memory("compiling the SFT training step", self._memory_advice()):
+            remat, step_fn = self._make_step(optimizer, params, lora, opt_state)
 
         checkpoints, start, lora, opt_state, history = start_run(
             self.out_dir, checkpoint_every=self.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
@@ -197,7 +205,6 @@ class SFT:
         key = jax.random.key(self.seed)
         bar = tqdm(total=steps, initial=start, desc="sft", disable=not (self.progress and sharding.is_main_process()),
                    dynamic_ncols=True)
-        params = self._device_params()
 
         def upcoming():
             epoch, batch = next(stream)
@@ -205,7 +212,7 @@ class SFT:
 
         t0, tokens_since = time.perf_counter(), 0
         pending = upcoming() if start < steps else None
-        with explain_out_of_memory("the SFT training step", self._memory_advice()), bar:
+        with explain_out_of_memory("the SFT training step", self._memory_advice(remat)), bar:
             for step in range(start, steps):
                 epoch, tokens, batch = pending
                 tokens_since += tokens
@@ -243,7 +250,34 @@ class SFT:
             self._tb.close()  # flushes the writer's queue
         self.__dict__.pop("_tb", None)
         self.lora = lora
-        return TrainState(lora, opt_state, steps, history)
+        return TrainState(lora, opt_state, steps, history, remat)
+
+    def _make_step(self, optimizer, params, lora, opt_state):
+        """(remat policy, jitted step). remat="auto" takes the fastest policy whose step, compiled for a
+        full batch, fits in AUTO_REMAT_SHARE of the free device memory: save_dots, else full, else
+        offload; full where the devices do not report their memory (CPU)."""
+        def make(policy):
+            return make_sft_step(self.model.config, optimizer, remat=policy, grad_accum=self.grad_accum,
+                                 attn_impl=self.attention)
+
+        free = free_device_bytes() if self.remat == "auto" else None
+        if free is None:
+            policy = "full" if self.remat == "auto" else self.remat
+            return policy, sharding.scoped(self.mesh, make(policy))
+        batch = self._device_batch(empty_rows(self.batch_size * self.grad_accum, self.max_seq_length, self._pad_id()))
+        for candidate in ("save_dots", "full"):
+            step = make(candidate)
+            compile_step = sharding.scoped(self.mesh, lambda *args: step.lower(*args).compile())
+            need = allocated_bytes(compile_step(params, lora, opt_state, batch, jax.random.key(0)))
+            if need <= AUTO_REMAT_SHARE * free:
+                policy = candidate
+                break
+        else:
+            policy, step = "offload", make("offload")
+        if self.progress and sharding.is_main_process():
+            tqdm.write(f'remat="auto" chose {policy}: the {candidate} step needs {format_bytes(need)}, '
+                       f"{format_bytes(free)} free")
+        return policy, sharding.scoped(self.mesh, step)
 
     def _log(self, record: dict) -> None:
         if not self.out_dir or not sharding.is_main_process():
