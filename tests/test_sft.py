@@ -275,7 +275,7 @@ def test_auto_remat_takes_the_fastest_policy_that_fits(tiny, monkeypatch):
     optimizer = optax.adamw(1e-3)
     params, lora = trainer._device_params(), _lora(tiny)
     opt_state = optimizer.init(lora)
-    assert trainer._make_step(optimizer, params, lora, opt_state)[0] == "full"
+    assert trainer._make_step(optimizer, params, lora, opt_state, 128)[0] == "full"
     batch = trainer._device_batch(empty_rows(2, 128, 0))
     need = {policy: allocated_bytes(make_sft_step(tiny.config, optimizer, remat=policy, attn_impl=trainer.attention)
                                     .lower(params, lora, opt_state, batch, jax.random.key(0)).compile())
@@ -284,7 +284,7 @@ def test_auto_remat_takes_the_fastest_policy_that_fits(tiny, monkeypatch):
     for free, expected in ((need["save_dots"] / sft.AUTO_REMAT_SHARE + 1, "save_dots"),
                            (need["full"] / sft.AUTO_REMAT_SHARE + 1, "full"), (need["full"], "offload")):
         monkeypatch.setattr(sft, "free_device_bytes", lambda free=free: int(free))
-        assert trainer._make_step(optimizer, params, lora, opt_state)[0] == expected
+        assert trainer._make_step(optimizer, params, lora, opt_state, 128)[0] == expected
     rows = _gsm8k_rows("train", 8)
     monkeypatch.setattr(sft, "free_device_bytes", lambda: 2**40)
     auto = jft.train.SFT(tiny, _lora(tiny), max_seq_length=128, batch_size=2, progress=False).fit(rows, steps=2)

@@ -196,7 +196,7 @@ class SFT:
         opt_state = sharding.replicate(optimizer.init(lora), self.mesh)  # its counters too: restored there as well
         params = self._device_params()
         with explain_out_of_memory("compiling the SFT training step", self._memory_advice()):
-            remat, step_fn = self._make_step(optimizer, params, lora, opt_state)
+            remat, step_fn = self._make_step(optimizer, params, lora, opt_state, self._widest_batch(examples))
 
         checkpoints, start, lora, opt_state, history = start_run(
             self.out_dir, checkpoint_every=self.checkpoint_every, resume=resume, lora=lora, opt_state=opt_state)
@@ -252,10 +252,16 @@ class SFT:
         self.lora = lora
         return TrainState(lora, opt_state, steps, history, remat)
 
-    def _make_step(self, optimizer, params, lora, opt_state):
-        """(remat policy, jitted step). remat="auto" takes the fastest policy whose step, compiled for a
-        full batch, fits in AUTO_REMAT_SHARE of the free device memory: save_dots, else full, else
-        offload; full where the devices do not report their memory (CPU)."""
+    def _widest_batch(self, examples) -> int:
+        """The longest batch the stream will make: max_seq_length packed, else the bucket of the longest example."""
+        if self.packing:
+            return self.max_seq_length
+        return jdata.bucket_length(max(len(e["input_ids"]) for e in examples), _buckets(self.max_seq_length))
+
+    def _make_step(self, optimizer, params, lora, opt_state, seq_len: int):
+        """(remat policy, jitted step). remat="auto" takes the fastest policy whose step, compiled for
+        the widest batch ([rows, seq_len]), fits in AUTO_REMAT_SHARE of the free device memory:
+        save_dots, else full, else offload; full where the devices do not report their memory (CPU)."""
         def make(policy):
             return make_sft_step(self.model.config, optimizer, remat=policy, grad_accum=self.grad_accum,
                                  attn_impl=self.attention)
@@ -264,7 +270,7 @@ class SFT:
         if free is None:
             policy = "full" if self.remat == "auto" else self.remat
             return policy, sharding.scoped(self.mesh, make(policy))
-        batch = self._device_batch(empty_rows(self.batch_size * self.grad_accum, self.max_seq_length, self._pad_id()))
+        batch = self._device_batch(empty_rows(self.batch_size * self.grad_accum, seq_len, self._pad_id()))
         for candidate in ("save_dots", "full"):
             step = make(candidate)
             compile_step = sharding.scoped(self.mesh, lambda *args: step.lower(*args).compile())
