@@ -47,7 +47,7 @@ class TrainState:
     opt_state: object
     step: int
     history: list[dict]
-    remat: str = "full"  # the remat policy the step ran with (what remat="auto" chose)
+    remat: str  # the remat policy the step ran with (what remat="auto" chose)
 
 
 def _batch_stream(examples, *, batch_size, seq_len, packing, pad_id, seed, start_step):
