@@ -112,30 +112,31 @@ def _rope_from(params: dict | None, legacy: dict, default_theta: float, where: s
     # like transformers, a top-level original_max_position_embeddings (Phi-3 keeps it there) wins
     original = int(legacy.get("original_max_position_embeddings")
                    or merged.get("original_max_position_embeddings", legacy.get("max_position_embeddings", 8192)))
+    # yarn and longrope stretch the original context to max_position_embeddings unless told a factor
+    stretch = legacy.get("max_position_embeddings", original) / original if kind in ("yarn", "longrope", "su") else 1.0
     rope = Rope(
         theta=float(theta),
         kind=kind,
-        factor=_number(merged, "factor", 1.0, where),
+        factor=_number(merged, "factor", stretch, where),
         low_freq_factor=_number(merged, "low_freq_factor", 1.0, where),
         high_freq_factor=_number(merged, "high_freq_factor", 4.0, where),
         original_max_position_embeddings=original,
     )
     if kind == "yarn":
-        return _yarn(rope, merged, legacy, where)
-    return _longrope(rope, merged, legacy, where, rotary_dim) if kind in ("longrope", "su") else rope
+        return _yarn(rope, merged, where)
+    return _longrope(rope, merged, where, rotary_dim) if kind in ("longrope", "su") else rope
 
 
-def _yarn(rope: Rope, merged: dict, legacy: dict, where: str) -> Rope:
+def _yarn(rope: Rope, merged: dict, where: str) -> Rope:
     """A yarn config's numbers, with the defaults and the attention factor transformers derives."""
-    original = rope.original_max_position_embeddings
-    factor = _number(merged, "factor", legacy.get("max_position_embeddings", original) / original, where)
+    factor = rope.factor
     m, m_all = _number(merged, "mscale", 0.0, where), _number(merged, "mscale_all_dim", 0.0, where)
 
     def magnitude(scale, weight=1.0):
         return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
 
     derived = magnitude(factor, m) / magnitude(factor, m_all) if m and m_all else magnitude(factor)
-    return dataclasses.replace(rope, factor=factor, attention_factor=_number(merged, "attention_factor", derived, where),
+    return dataclasses.replace(rope, attention_factor=_number(merged, "attention_factor", derived, where),
                                beta_fast=_number(merged, "beta_fast", 32.0, where) or 32.0,
                                beta_slow=_number(merged, "beta_slow", 1.0, where) or 1.0,
                                truncate=bool(merged.get("truncate", True)))
@@ -151,7 +152,7 @@ def _number(scaling: dict, name: str, default: float, where: str) -> float:
     return float(value)
 
 
-def _longrope(rope: Rope, merged: dict, legacy: dict, where: str, rotary_dim: int) -> Rope:
+def _longrope(rope: Rope, merged: dict, where: str, rotary_dim: int) -> Rope:
     """The factors of a longrope config, checked; the attention factor as transformers derives it."""
     factors = {}
     for name in ("short_factor", "long_factor"):
@@ -162,12 +163,10 @@ def _longrope(rope: Rope, merged: dict, legacy: dict, where: str, rotary_dim: in
             raise ConfigError(f"{where}: rope_scaling.{name} has {len(value)} values; longrope needs one per "
                               f"rotary frequency pair ({rotary_dim // 2})")
         factors[name] = tuple(float(v) for v in value)
-    original = rope.original_max_position_embeddings
-    factor = merged.get("factor") or legacy.get("max_position_embeddings", original) / original
-    attention = merged.get("attention_factor")
-    if attention is None:
-        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
-    return dataclasses.replace(rope, kind="longrope", factor=float(factor), attention_factor=float(attention), **factors)
+    factor, original = rope.factor, rope.original_max_position_embeddings
+    derived = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+    return dataclasses.replace(rope, kind="longrope", attention_factor=_number(merged, "attention_factor", derived, where),
+                               **factors)
 
 
 def _sliding_layers(c: dict, model_type: str, num_layers: int) -> tuple[bool, ...]:

@@ -58,10 +58,11 @@ class Checkpoints:
 
     def _remove_rotated(self) -> None:
         """The history and settings files of steps orbax has rotated away."""
-        kept = {f"{kind}-{step}.json" for step in self.manager.all_steps() for kind in ("history", "lora")}
+        kept = {path(step) for step in self.manager.all_steps() for path in (self._history_path, self._lora_path)}
         for name in os.listdir(self.directory):
-            if name.startswith(("history-", "lora-")) and name.endswith(".json") and name not in kept:
-                os.remove(os.path.join(self.directory, name))
+            path = os.path.join(self.directory, name)
+            if name.startswith(("history-", "lora-")) and name.endswith(".json") and path not in kept:
+                os.remove(path)
 
     def restore(self, lora, opt_state):
         """(step, lora, opt_state, history) of the newest checkpoint, shaped and placed like the
