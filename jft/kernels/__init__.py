@@ -61,6 +61,7 @@ def attention(q, k, v, q_positions, k_positions, q_segment_ids=None, k_segment_i
 # Ops living in other modules register themselves on import (e.g. the NF4 kernels).
 if importlib.util.find_spec("jft.kernels.nf4") is not None:
     from jft.kernels import nf4 as _nf4  # noqa: F401
+from jft.kernels import layer_matmul as _layer_matmul  # noqa: F401
 
 __all__ = [
     "attention",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jft.config import Config, Rope
+from jft.kernels import layer_matmul as layer_matmul_kernels
 from jft.kernels import nf4 as nf4_kernels
 from jft.quant import NF4, NF4Layer, is_quantized
 
@@ -21,6 +23,19 @@ def rms_norm(x, w, eps: float, offset: float = 0.0):
     return (normed * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseLayer:
+    """Matrix `index` of a stacked dense weight, left in the stack: what decoding steps hand the
+    projections, which read it in place (`jft.kernels.layer_matmul`) instead of copying it out."""
+
+    stack: jax.Array
+    index: jax.Array
+
+    def sliced(self) -> jax.Array:
+        return self.stack[self.index]
+
+
 def dense(w, dtype):
     """A weight as a dense array of `dtype`, dequantizing quantized leaves (NF4 through the kernel
     registry: Pallas on GPU, the jnp reference elsewhere)."""
@@ -30,6 +45,8 @@ def dense(w, dtype):
         return nf4_kernels.dequantize(w.stack, dtype, layer=w.index)
     if hasattr(w, "dequantize"):
         return w.dequantize(dtype)
+    if isinstance(w, DenseLayer):
+        w = w.sliced()
     return w.astype(dtype)
 
 
@@ -70,6 +87,8 @@ def linear(x, w, lora=None, bias=None, *, lora_scale: float = 1.0, lora_dropout_
     """y = x @ w.T (+ bias) (+ scale * dropout(x) @ A.T @ B.T); w is [out, in], dense or quantized."""
     if is_quantized(w):
         y = checkpoint_name(quantized_matmul(x, w), QUANTIZED_DOT)
+    elif isinstance(w, DenseLayer):
+        y = layer_matmul_kernels.layer_matmul(x, w.stack, w.index)
     else:
         y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
     if bias is not None:

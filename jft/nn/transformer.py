@@ -13,9 +13,11 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jft.config import Config
+from jft.kernels import layer_matmul
 from jft.kernels.attention import attention_pallas as flash_attention
 from jft.nn import attention as attn
-from jft.nn.layers import QUANTIZED_DOT, activation, apply_rope, dense, embed_tokens, linear, rms_norm, rope_for, softcap
+from jft.nn.layers import (QUANTIZED_DOT, DenseLayer, activation, apply_rope, dense, embed_tokens, linear, rms_norm,
+                           rope_for, softcap)
 from jft.quant import NF4, NF4Layer
 from jft.sharding import gather_layer
 
@@ -94,12 +96,22 @@ def init_cache(config: Config, batch: int, length: int, dtype) -> dict:
     }
 
 
+def _write_tokens(buffer, new, index, *lead):
+    """buffer[*lead, b, index + t] = new[b, t], in place: index is one int for every row, or one per row [B]."""
+    new = new.astype(buffer.dtype)
+    if jnp.ndim(index) == 0:
+        start = (*lead, 0, index) + (0,) * (new.ndim - 2)
+        return jax.lax.dynamic_update_slice(buffer, new.reshape((1,) * len(lead) + new.shape), start)
+    rows = jnp.arange(new.shape[0])[:, None]
+    return buffer.at[(*lead, rows, index[:, None] + jnp.arange(new.shape[1]))].set(new)
+
+
 def _write_cache_metadata(cache, positions, segments):
     i = cache["index"]
     return {
         **cache,
-        "positions": jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, i)),
-        "segments": jax.lax.dynamic_update_slice(cache["segments"], segments.astype(jnp.int32), (0, i)),
+        "positions": _write_tokens(cache["positions"], positions, i),
+        "segments": _write_tokens(cache["segments"], segments, i),
         "index": i + positions.shape[1],
     }
 
@@ -123,8 +135,9 @@ def _remat(fn, policy: str):
     if policy not in policies:
         raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
 
-    def named_input(x, xs):
-        return fn(checkpoint_name(x, _LAYER_INPUT), xs)
+    def named_input(carry, xs):
+        x, kv = carry
+        return fn((checkpoint_name(x, _LAYER_INPUT), kv), xs)
 
     return jax.checkpoint(named_input, policy=policies[policy], prevent_cse=False)
 
@@ -134,8 +147,9 @@ def _lora_for(lora_layer, name):
 
 
 def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on, sliding, rope_g, rope_l, q_meta, k_meta,
-                   cache_kv, cache_index, key):
-    """One decoder layer. q_meta/k_meta are (positions, segments); cache_kv is (k, v) or None;
+                   cache_kv, layer, cache_index, key):
+    """One decoder layer. q_meta/k_meta are (positions, segments); cache_kv is the whole (k, v) cache
+    [L, B, S, ...] or None, written in place at this layer and cache_index (one int, or one per row);
     lora_on is 1.0 where this layer's LoRA applies (a LoRA may target a subset of layers)."""
     c = config
     b, t, _ = x.shape
@@ -163,9 +177,8 @@ def _decoder_layer(config: Config, lora_cfg, attn_impl: str, x, lp, ll, lora_on,
 
     new_kv = None
     if cache_kv is not None:
-        ck = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
-        new_kv, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
+        new_kv = tuple(_write_tokens(cached, fresh, cache_index, layer) for cached, fresh in zip(cache_kv, (k, v)))
+        k, v = (cached[layer].astype(q.dtype) for cached in new_kv)
     if attn_impl in ("cudnn", "causal") and cache_kv is None and c.attn_logit_softcap is None:
         o = _causal_attention(c, q, k, v, sliding, "cudnn" if attn_impl == "cudnn" else None)
     elif attn_impl == "flash" and cache_kv is None:
@@ -284,22 +297,42 @@ def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *,
     lora_on = None if lora_cfg is None else jnp.asarray(lora_cfg.layer_mask(c.num_layers))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.num_layers)
 
-    nf4_stacks = {name: leaf for name, leaf in params["layers"].items() if isinstance(leaf, NF4)}
-    scanned = {name: leaf for name, leaf in params["layers"].items() if name not in nf4_stacks}
+    # matrices the projections read in place from their stacks (see NF4Layer and DenseLayer)
+    in_place = {name: leaf for name, leaf in params["layers"].items() if isinstance(leaf, NF4)}
+    if cache is not None and x.shape[0] * x.shape[1] <= layer_matmul.MAX_TOKENS and _one_device():  # decoding
+        in_place.update({name: leaf for name, leaf in params["layers"].items() if _is_dense_matrix_stack(leaf)})
+    scanned = {name: leaf for name, leaf in params["layers"].items() if name not in in_place}
 
-    def body(x, xs):
-        lp, ll, on, sl, kv, key, index = xs
-        lp = gather_layer({**lp, **{name: NF4Layer(stack, index) for name, stack in nf4_stacks.items()}})
-        x, new_kv = _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, on, sl, rope_g, rope_l, q_meta, k_meta, kv, cache_index, key)
-        return x, new_kv
+    def body(carry, xs):
+        x, kv = carry
+        lp, ll, on, sl, key, index = xs
+        lp = gather_layer({**lp, **{name: _layer_of(stack, index) for name, stack in in_place.items()}})
+        return _decoder_layer(c, lora_cfg, attn_impl, x, lp, ll, on, sl, rope_g, rope_l, q_meta, k_meta, kv, index,
+                              cache_index, key), None
 
+    # the cache rides in the carry, not in xs/ys: each layer writes its new keys in place, where
+    # scanning over it would rewrite the whole cache every step
     kv = None if cache is None else (cache["k"], cache["v"])
-    xs = (scanned, layer_lora, lora_on, sliding, kv, layer_keys, jnp.arange(c.num_layers))
-    x, new_kv = jax.lax.scan(_remat(body, remat), x, xs)
+    xs = (scanned, layer_lora, lora_on, sliding, layer_keys, jnp.arange(c.num_layers))
+    (x, kv), _ = jax.lax.scan(_remat(body, remat), (x, kv), xs)
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_offset)
     if cache is not None:
-        cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
+        cache = {**cache, "k": kv[0], "v": kv[1]}
     return x, cache
+
+
+def _one_device() -> bool:
+    """Not under a mesh of several devices, where a Pallas call on sharded weights would gather them whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
+def _is_dense_matrix_stack(leaf) -> bool:
+    return isinstance(leaf, jax.Array) and leaf.ndim == 3
+
+
+def _layer_of(stack, index):
+    return NF4Layer(stack, index) if isinstance(stack, NF4) else DenseLayer(stack, index)
 
 
 def output_weight(config: Config, params, lora=None):

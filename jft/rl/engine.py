@@ -105,17 +105,10 @@ def _left_align(prompts, lengths):
 
 
 def _decode_rows(config: Config, params, lora, tokens, positions, segments, cache):
-    """One token per slot through the decoder, each slot with its own cache write index (vmapped)."""
-
-    def row(tok, pos, seg, k, v, cpos, cseg, idx):
-        c = {"k": k[:, None], "v": v[:, None], "positions": cpos[None], "segments": cseg[None], "index": idx}
-        h, c = forward_hidden(config, params, tok[None, None], pos[None, None], seg[None, None], lora=lora, cache=c)
-        return h[0, 0], c["k"][:, 0], c["v"][:, 0], c["positions"][0], c["segments"][0], c["index"]
-
-    h, k, v, cpos, cseg, idx = jax.vmap(row, in_axes=(0, 0, 0, 1, 1, 0, 0, 0), out_axes=(0, 1, 1, 0, 0, 0))(
-        tokens, positions, segments, cache["k"], cache["v"], cache["positions"], cache["segments"], cache["index"])
-    logits = logits_from_hidden(config, params, h[:, None], lora)[:, 0]
-    return logits, {"k": k, "v": v, "positions": cpos, "segments": cseg, "index": idx}
+    """One token per slot through the decoder; cache["index"] holds each slot's own write index."""
+    hidden, cache = forward_hidden(config, params, tokens[:, None], positions[:, None], segments[:, None], lora=lora,
+                                   cache=cache)
+    return logits_from_hidden(config, params, hidden, lora)[:, 0], cache
 
 
 def _pick(logits, keys, temperature, top_k, top_p, min_p):
