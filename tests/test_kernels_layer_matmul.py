@@ -1,7 +1,6 @@
 """The decoding matmul that reads one layer of a stacked weight in place, against the jnp reference."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import pytest
 import jft
 from jft.kernels.layer_matmul import layer_matmul_pallas, layer_matmul_reference, pallas_supported
 from jft.rl import JaxEngine, SamplingParams
+from tests.test_kernels_nf4 import _pallas_calls
 
 
 def _random(shape, dtype, seed):
@@ -42,14 +42,6 @@ def test_unsupported_shapes_are_refused():
     assert not pallas_supported(jnp.zeros((1, 512)), jnp.zeros((2, 48, 512)))  # rows not a multiple of a program's
     with pytest.raises(ValueError, match="at most 128 tokens"):
         layer_matmul_pallas(jnp.zeros((129, 512)), stack, 0, interpret=True)
-
-
-def _pallas_calls(jaxpr):
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _pallas_calls(sub)
 
 
 @pytest.fixture(scope="module")
