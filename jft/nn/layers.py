@@ -45,8 +45,6 @@ def dense(w, dtype):
         return nf4_kernels.dequantize(w.stack, dtype, layer=w.index)
     if hasattr(w, "dequantize"):
         return w.dequantize(dtype)
-    if isinstance(w, DenseLayer):
-        w = w.sliced()
     return w.astype(dtype)
 
 
