@@ -5,6 +5,8 @@ bandwidth B measured in the same run the roofline is
     tokens/s <= slots / ((weight_bytes + mean_kv_bytes) / B).
 
     python bench/rollout.py                       # 64 prompts x 512 new tokens, bf16
+    python bench/rollout.py --quant nf4           # NF4 weights, dense once per call where they fit
+    python bench/rollout.py --quant nf4 --dequantize false   # NF4, dequantized in every step
     python bench/rollout.py --small               # tiny shapes, to check the script on CPU
 """
 
@@ -41,6 +43,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--quant", default="none", choices=["none", "nf4"])
+    p.add_argument("--dequantize", default="auto", choices=["auto", "true", "false"],
+                   help="JaxEngine's dequantize option (quantized weights only)")
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
 
@@ -57,7 +61,8 @@ def main(argv=None):
     params = random_params(config, args.quant, jax.random.key(0))
     model = jft.Model(config, params)
     lora = jft.lora.init(model, r=16, alpha=16, key=jax.random.key(1))
-    engine = JaxEngine(model, lora, slots=args.prompts)
+    dequantize = {"auto": "auto", "true": True, "false": False}[args.dequantize]
+    engine = JaxEngine(model, lora, slots=args.prompts, dequantize=dequantize)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, config.vocab_size, size=(args.prompts, args.prompt_len)).tolist()
     sampling = SamplingParams(max_tokens=args.new_tokens, temperature=1.0, stop_token_ids=())
@@ -76,7 +81,8 @@ def main(argv=None):
     roofline = args.prompts / (step_bytes / (bandwidth * 1e9))
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; copy bandwidth {bandwidth:.0f} GB/s")
     print(f"weights {param_bytes(params) / 2**30:.2f} GiB ({args.quant}); {args.prompts} prompts x {args.prompt_len} "
-          f"tokens, {args.new_tokens} new tokens each; first call (with compile) {warm_s:.1f} s")
+          f"tokens, {args.new_tokens} new tokens each; dequantize={args.dequantize} (dequantized: {engine.dequantized}); "
+          f"first call (with compile) {warm_s:.1f} s")
     print(f"generated {new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.0f} tokens/s; "
           f"roofline {roofline:.0f} tokens/s; {new_tokens / elapsed / roofline:.1%} of roofline")
 

@@ -8,7 +8,7 @@ import pytest
 import jft
 from jft.kernels.layer_matmul import layer_matmul_pallas, layer_matmul_reference, pallas_supported
 from jft.rl import JaxEngine, SamplingParams
-from tests.test_kernels_nf4 import _pallas_calls
+from tests.test_kernels_nf4 import equations
 
 
 def _random(shape, dtype, seed):
@@ -69,9 +69,9 @@ def test_decoding_reads_each_layer_in_place(model):
         # over a mesh of several devices the weights may be sharded, and a Pallas call would gather them whole
         with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "tensor"))):
             meshed = step(model.params)
-    reads = [max(v.aval.size for v in eqn.invars) for eqn in _pallas_calls(jaxpr.jaxpr)]
+    reads = [max(v.aval.size for v in eqn.invars) for eqn in equations(jaxpr.jaxpr, "pallas_call")]
     assert len(reads) == 7 and set(reads) == stacks, reads
-    assert not list(_pallas_calls(meshed.jaxpr))
+    assert not list(equations(meshed.jaxpr, "pallas_call"))
 
 
 def test_rollouts_match_the_reference_path(model):

@@ -94,12 +94,13 @@ def test_unsupported_shapes_fall_back_or_raise():
         kernels.dequantize(odd_block, impl="pallas", interpret=True)
 
 
-def _pallas_calls(jaxpr):
+def equations(jaxpr, primitive=None):
+    """The equations of a jaxpr and of every jaxpr nested in them (optionally only one primitive's)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if primitive is None or eqn.primitive.name == primitive:
             yield eqn
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _pallas_calls(sub)
+            yield from equations(sub, primitive)
 
 
 def test_layer_scan_dequantizes_nf4_layers_in_place(tmp_path):
@@ -116,5 +117,5 @@ def test_layer_scan_dequantizes_nf4_layers_in_place(tmp_path):
     positions = jnp.arange(8)[None]
     with jft.kernels.use("pallas"):
         jaxpr = jax.make_jaxpr(lambda p: forward_hidden(model.config, p, ids, positions, jnp.ones_like(ids)))(model.params)
-    reads = [v.aval.size for eqn in _pallas_calls(jaxpr.jaxpr) for v in eqn.invars if v.aval.dtype == jnp.uint8]
+    reads = [v.aval.size for eqn in equations(jaxpr.jaxpr, "pallas_call") for v in eqn.invars if v.aval.dtype == jnp.uint8]
     assert len(reads) == 7 and set(reads) <= stacked, reads

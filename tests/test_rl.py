@@ -16,6 +16,7 @@ import jft
 from jft.rl import GRPO, GRPOConfig, JaxEngine, SamplingParams, group_advantages, make_grpo_step, policy_loss
 from jft.rl.grpo import build_batch, completion_logprobs
 from jft.rl.rewards import gsm8k_answer_reward, gsm8k_format_reward, gsm8k_prompts
+from tests.test_kernels_nf4 import equations
 from tests.tiny_models import save_hf_model
 
 GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
@@ -170,6 +171,53 @@ def test_greedy_engine_with_lora_equals_jft_generate(llama):
     ours = engine.generate(prompts, sampling=SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=()))
     assert ours.ids == jft.generate(model, prompts, max_new_tokens=10, lora=lora, eos_token_ids=()).ids
     assert ours.ids != jft.generate(model, prompts, max_new_tokens=10, eos_token_ids=()).ids
+
+
+def test_engine_dequantizes_quantized_weights_once_when_they_fit(tmp_path, monkeypatch):
+    from jft.rl import engine as engine_module
+
+    save_hf_model("llama", tmp_path)
+    model = jft.load(str(tmp_path), dtype="float32", quantize="nf4")
+    dense = dataclasses.replace(model, params=jax.tree.map(
+        lambda x: jft.quant.dequantize(x) if jft.quant.is_quantized(x) else x, model.params, is_leaf=jft.quant.is_quantized))
+    lora = _random_lora(model, seed=2)
+    prompts = _prompts(model, (4, 9, 6), seed=8)
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=())
+    real_rollout, packed_bytes_in_loop = engine_module.rollout, []
+
+    def traced_rollout(*args, **options):  # notes whether the decoding loop reads NF4's packed bytes
+        jaxpr = real_rollout.trace(*args, **options).jaxpr
+        packed_bytes_in_loop.append(any(v.aval.dtype == jnp.uint8 for loop in equations(jaxpr, "while")
+                                        for eqn in equations(loop.params["body_jaxpr"].jaxpr) for v in eqn.invars))
+        return real_rollout(*args, **options)
+
+    monkeypatch.setattr(engine_module, "rollout", traced_rollout)
+    runs = {}
+    for name, m, dequantize in [("dense", dense, False), ("per step", model, False), ("once", model, True)]:
+        engine = JaxEngine(m, lora, slots=2, dequantize=dequantize)
+        runs[name] = engine.generate(prompts, sampling=sampling)
+        assert engine.dequantized == (name == "once")
+    assert packed_bytes_in_loop == [False, True, False]
+    monkeypatch.setattr(engine_module, "rollout", real_rollout)
+    assert runs["once"].ids == runs["per step"].ids == runs["dense"].ids
+    for name in ("once", "per step"):
+        for got, want in zip(runs[name].logprobs, runs["dense"].logprobs):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+    engine = JaxEngine(model, lora, slots=2)  # "auto": dense when the rollout fits half the free memory
+    assert engine_module.free_device_bytes() is None  # the CPU reports none: never
+    engine.generate(prompts, sampling=sampling)
+    assert not engine.dequantized
+    for free, fits in [(2**40, True), (2**10, False)]:
+        monkeypatch.setattr(engine_module, "free_device_bytes", lambda: free)
+        engine = JaxEngine(model, lora, slots=2)
+        assert engine.generate(prompts, sampling=sampling).ids == runs["dense"].ids
+        assert engine.dequantized == fits
+    engine = JaxEngine(dense, slots=2, dequantize=True)  # nothing quantized: nothing to do
+    engine.generate(prompts, sampling=sampling)
+    assert not engine.dequantized
+    with pytest.raises(ValueError, match="dequantize"):
+        JaxEngine(model, dequantize="always")
 
 
 def _nucleus_log_probs(logits, temperature, top_p=1.0, top_k=0):

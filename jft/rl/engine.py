@@ -18,6 +18,11 @@ Both equal log_softmax(logits) at temperature 1 without filters; under greedy de
 are the raw model log-probs log_softmax(logits). (vLLM and TRL return raw model log-probs,
 log_softmax(logits), by default.)
 
+Quantized weights (NF4, FP8) are dequantized once per `generate` call, inside the rollout program,
+when the dense copy fits (`dequantize="auto"`: the compiled rollout needs at most half the free
+device memory; never on CPU, which reports no free memory). A decoding step is bound by reading the
+weights, and without the dense copy every step dequantizes each layer again before its matmul.
+
 Stop strings are matched on the host after generation: the completion is cut after the token that
 completes a stop string (the string itself is removed from `text`), but the slot kept decoding
 until a stop token or max_tokens.
@@ -33,12 +38,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import quant
 from jft.config import Config
+from jft.memory import allocated_bytes, free_device_bytes
 from jft.model import no_tokenizer_error
 from jft.nn import generate as gen
 from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
 
 _EMPTY_POSITION = np.iinfo(np.int32).max
+DEQUANTIZE_SHARE = 0.5  # dequantize="auto": the most of the free device memory the dense rollout may take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +134,19 @@ def _pick(logits, keys, temperature, top_k, top_p, min_p):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "max_tokens", "temperature", "top_k", "top_p", "min_p",
-                                             "stop_ids", "pad_id"))
+                                             "stop_ids", "pad_id", "dequantize"))
 def rollout(config: Config, params, lora, prompts, prompt_lengths, key, *, slots: int, max_tokens: int,
             temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids: tuple[int, ...] = (),
-            pad_id: int = 0):
+            pad_id: int = 0, dequantize: bool = False):
     """Right-padded prompts [R, P] (lengths [R]) -> (tokens [R, N], sampling logprobs [R, N], model logprobs [R, N],
-    lengths [R]); entries past a row's length are pad_id / 0. Lengths include the stop token."""
+    lengths [R]); entries past a row's length are pad_id / 0. Lengths include the stop token. With `dequantize`,
+    quantized weights are made dense (in the embedding's dtype) once, before the first step."""
     r, p = prompts.shape
     s = min(slots, r)
     dtype = params["embed"].dtype
+    if dequantize:
+        params = jax.tree.map(lambda x: quant.dequantize(x, dtype) if quant.is_quantized(x) else x, params,
+                              is_leaf=quant.is_quantized)
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
     out_ids = jnp.full((r, max_tokens), pad_id, jnp.int32)
     out_lp = jnp.zeros((r, max_tokens), jnp.float32)
@@ -256,15 +268,22 @@ def _cut_at_stop_string(tokenizer, ids: list[int], stop: Sequence[str]) -> int |
 class JaxEngine:
     """Batched sampling with continuous refill on the training params (see the module docstring)."""
 
-    def __init__(self, model, lora=None, *, slots: int = 64, max_prompt_length: int | None = None):
+    def __init__(self, model, lora=None, *, slots: int = 64, max_prompt_length: int | None = None,
+                 dequantize: bool | str = "auto"):
+        """dequantize: True / False, or "auto" (when the dense copy fits; see the module docstring).
+        After each `generate`, `self.dequantized` says whether that call made quantized weights dense."""
         from jft.model import eos_token_ids_of, pad_token_id_of
 
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if dequantize not in (True, False, "auto"):
+            raise ValueError(f'dequantize must be True, False or "auto", got {dequantize!r}')
         self.model, self.config, self.tokenizer = model, model.config, model.tokenizer
         self.params, self.lora = model.params, lora
-        self.slots, self.max_prompt_length = slots, max_prompt_length
+        self.slots, self.max_prompt_length, self.dequantize = slots, max_prompt_length, dequantize
         self.eos_ids, self.pad_id = eos_token_ids_of(model), pad_token_id_of(model)
+        self.dequantized = False
+        self._dense_fits = {}  # rollout signature -> whether its dense program fits ("auto")
 
     def sync(self, params=None, lora=None) -> None:
         """Points the engine at the current policy (a reference, not a copy)."""
@@ -285,13 +304,29 @@ class JaxEngine:
             padded[i, : len(p)] = p
         lengths = np.asarray([len(p) for p in requests], np.int32)
         stop_ids = self.eos_ids if sampling.stop_token_ids is None else tuple(sampling.stop_token_ids)
-        ids, lp, mlp, out_len = rollout(
-            self.config, self.params, self.lora, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(sampling.seed),
-            slots=self.slots, max_tokens=sampling.max_tokens, temperature=float(sampling.temperature),
-            top_k=int(sampling.top_k), top_p=float(sampling.top_p), min_p=float(sampling.min_p),
-            stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=self.pad_id)
+        args = (self.config, self.params, self.lora, jnp.asarray(padded), jnp.asarray(lengths),
+                jax.random.key(sampling.seed))
+        options = dict(slots=self.slots, max_tokens=sampling.max_tokens, temperature=float(sampling.temperature),
+                       top_k=int(sampling.top_k), top_p=float(sampling.top_p), min_p=float(sampling.min_p),
+                       stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=self.pad_id)
+        self.dequantized = self._dequantizes(args, options)
+        ids, lp, mlp, out_len = rollout(*args, **options, dequantize=self.dequantized)
         return self._assemble(requests, n, np.asarray(ids), np.asarray(lp), np.asarray(mlp), np.asarray(out_len),
                               stop_ids, sampling.stop)
+
+    def _dequantizes(self, args, options) -> bool:
+        if not any(quant.is_quantized(x) for x in jax.tree.leaves(self.params, is_leaf=quant.is_quantized)):
+            return False
+        if self.dequantize != "auto":
+            return self.dequantize
+        free = free_device_bytes()
+        if free is None:
+            return False
+        key = (args[3].shape, tuple(options.items()))
+        if key not in self._dense_fits:  # compiling here also fills jit's cache for the call that follows
+            need = allocated_bytes(rollout.lower(*args, **options, dequantize=True).compile())
+            self._dense_fits[key] = need <= DEQUANTIZE_SHARE * free
+        return self._dense_fits[key]
 
     def _assemble(self, requests, n, ids, lp, mlp, out_len, stop_ids, stop) -> Completions:
         outs, texts, lps, mlps, reasons = [], [], [], [], []
