@@ -13,7 +13,7 @@ import re
 
 import jax
 
-from jft.quant import is_quantized
+from jft.quant import has_quantized
 
 
 class OutOfMemoryError(MemoryError):
@@ -62,7 +62,7 @@ def _requested(status: str) -> str | None:
 
 def quantize_option(params, loader: str = "jft.load") -> list[str]:
     """quantize="nf4" as an option, unless the weights are quantized already."""
-    if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+    if has_quantized(params):
         return []
     return [f'quantize="nf4" in {loader}']
 
@@ -81,6 +81,13 @@ def free_device_bytes() -> int | None:
     if any(not s or "bytes_limit" not in s for s in stats):
         return None
     return min(s["bytes_limit"] - s["bytes_in_use"] for s in stats)
+
+
+def fits_free_memory(jitted, args, kwargs, share: float) -> bool:
+    """Whether `jitted(*args, **kwargs)` allocates at most `share` of the free device memory; False
+    where the devices report none (CPU). Compiling it here also fills jit's cache for that call."""
+    free = free_device_bytes()
+    return free is not None and allocated_bytes(jitted.lower(*args, **kwargs).compile()) <= share * free
 
 
 def allocated_bytes(compiled) -> int:

@@ -138,3 +138,42 @@ def test_8b_llama_in_nf4_takes_about_5_7_gib():
         got = param_bytes(jax.eval_shape(lambda: quantized(double_quant)))
         assert abs(got - expected) < 2**16, (double_quant, got, expected)  # per-matrix offsets and rounding
         assert got / 2**30 <= 5.7
+
+
+def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, monkeypatch):
+    """Greedy generation from an NF4 model equals transformers on bitsandbytes' dequantized weights,
+    whether the weights are made dense once (when the program fits half the free device memory) or
+    dequantized in every decoding step (no free memory reported, as on CPU, or too little)."""
+    from jft import memory
+    from jft import model as model_module
+    from jft.nn import generate as gen
+    from tests.test_kernels_nf4 import equations
+
+    save_hf_model("llama", tmp_path / "fp32")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
+    reference = _bnb_dequantized_reference(hf, tmp_path / "fp32")
+    model = jft.load(str(tmp_path / "fp32"), dtype="float32", quantize="nf4")
+    prompt = _ids(model.config.vocab_size, seed=2)[0].tolist()
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    choices = []
+
+    def noted_fits(*args):
+        choices.append(memory.fits_free_memory(*args))
+        return choices[-1]
+
+    monkeypatch.setattr(model_module, "fits_free_memory", noted_fits)
+    for free in (None, 2**40, 2**10):
+        monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
+        assert jft.generate(model, [prompt], max_new_tokens=8, eos_token_ids=()).ids[0] == want
+    assert choices == [False, True, False]
+
+    args = (model.config, model.params, None, jax.numpy.asarray([prompt]), jax.numpy.ones((1, len(prompt)), "int32"),
+            jax.random.key(0))
+    for dequantize in (True, False):
+        jaxpr = gen.generate_ids.trace(*args, dequantize=dequantize, max_new_tokens=8, temperature=0.0, top_k=0,
+                                       top_p=1.0, min_p=0.0, eos_ids=(), pad_id=0).jaxpr
+        packed_in_loop = any(v.aval.dtype == np.uint8 for loop in equations(jaxpr, "while")
+                             for eqn in equations(loop.params["body_jaxpr"].jaxpr) for v in eqn.invars)
+        assert packed_in_loop != dequantize

@@ -174,12 +174,12 @@ def test_greedy_engine_with_lora_equals_jft_generate(llama):
 
 
 def test_engine_dequantizes_quantized_weights_once_when_they_fit(tmp_path, monkeypatch):
+    from jft import memory
     from jft.rl import engine as engine_module
 
     save_hf_model("llama", tmp_path)
     model = jft.load(str(tmp_path), dtype="float32", quantize="nf4")
-    dense = dataclasses.replace(model, params=jax.tree.map(
-        lambda x: jft.quant.dequantize(x) if jft.quant.is_quantized(x) else x, model.params, is_leaf=jft.quant.is_quantized))
+    dense = dataclasses.replace(model, params=jft.quant.dequantize_tree(model.params, jnp.float32))
     lora = _random_lora(model, seed=2)
     prompts = _prompts(model, (4, 9, 6), seed=8)
     sampling = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=())
@@ -205,11 +205,11 @@ def test_engine_dequantizes_quantized_weights_once_when_they_fit(tmp_path, monke
             np.testing.assert_allclose(got, want, atol=1e-5)
 
     engine = JaxEngine(model, lora, slots=2)  # "auto": dense when the rollout fits half the free memory
-    assert engine_module.free_device_bytes() is None  # the CPU reports none: never
+    assert memory.free_device_bytes() is None  # the CPU reports none: never
     engine.generate(prompts, sampling=sampling)
     assert not engine.dequantized
     for free, fits in [(2**40, True), (2**10, False)]:
-        monkeypatch.setattr(engine_module, "free_device_bytes", lambda: free)
+        monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
         engine = JaxEngine(model, lora, slots=2)
         assert engine.generate(prompts, sampling=sampling).ids == runs["dense"].ids
         assert engine.dequantized == fits

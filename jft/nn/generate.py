@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import quant
 from jft.config import Config
 from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
 
@@ -96,11 +97,18 @@ def decode(config: Config, params, lora, last_logits, cache, next_pos, key, *, m
 
 
 SAMPLING_STATICS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id")
+# Decoding is bound by reading the weights, and quantized ones are dequantized layer by layer in every
+# step; generation makes them dense once instead when its compiled program needs at most this share
+# of the free device memory.
+DEQUANTIZE_SHARE = 0.5
 
 
-@functools.partial(jax.jit, static_argnames=("config", *SAMPLING_STATICS))
-def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, **sampling):
-    """Left-padded prompts [B, T] (mask 1 real / 0 pad) -> `decode`'s (tokens [B, N], lengths [B])."""
+@functools.partial(jax.jit, static_argnames=("config", "dequantize", *SAMPLING_STATICS))
+def generate_ids(config: Config, params, lora, prompt_ids, prompt_mask, key, dequantize: bool = False, **sampling):
+    """Left-padded prompts [B, T] (mask 1 real / 0 pad) -> `decode`'s (tokens [B, N], lengths [B]).
+    With `dequantize`, quantized weights are made dense (in the embedding's dtype) first."""
+    if dequantize:
+        params = quant.dequantize_tree(params, params["embed"].dtype)
     b, t = prompt_ids.shape
     mask = prompt_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)

@@ -39,6 +39,15 @@ def dequantize(x, dtype=None):
     return x if dtype is None else jnp.asarray(x).astype(dtype)
 
 
+def has_quantized(tree) -> bool:
+    return any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
+def dequantize_tree(tree, dtype):
+    """The pytree with every quantized leaf dense in `dtype`; other leaves as they are."""
+    return jax.tree.map(lambda x: dequantize(x, dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
 def leaf_bytes(x) -> int:
     """Bytes of one params leaf: a quantized leaf at its packed size, an array (or a
     jax.ShapeDtypeStruct) at size * itemsize."""

@@ -19,8 +19,8 @@ are the raw model log-probs log_softmax(logits). (vLLM and TRL return raw model 
 log_softmax(logits), by default.)
 
 Quantized weights (NF4, FP8) are dequantized once per `generate` call, inside the rollout program,
-when the dense copy fits (`dequantize="auto"`: the compiled rollout needs at most half the free
-device memory; never on CPU, which reports no free memory). A decoding step is bound by reading the
+when the dense copy fits (`dequantize="auto"`: the compiled rollout needs at most
+`generate.DEQUANTIZE_SHARE`, half, of the free device memory; never on CPU, which reports none). A decoding step is bound by reading the
 weights, and without the dense copy every step dequantizes each layer again before its matmul.
 
 Stop strings are matched on the host after generation: the completion is cut after the token that
@@ -40,13 +40,12 @@ import numpy as np
 
 from jft import quant
 from jft.config import Config
-from jft.memory import allocated_bytes, free_device_bytes
+from jft.memory import fits_free_memory
 from jft.model import no_tokenizer_error
 from jft.nn import generate as gen
 from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
 
 _EMPTY_POSITION = np.iinfo(np.int32).max
-DEQUANTIZE_SHARE = 0.5  # dequantize="auto": the most of the free device memory the dense rollout may take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +144,7 @@ def rollout(config: Config, params, lora, prompts, prompt_lengths, key, *, slots
     s = min(slots, r)
     dtype = params["embed"].dtype
     if dequantize:
-        params = jax.tree.map(lambda x: quant.dequantize(x, dtype) if quant.is_quantized(x) else x, params,
-                              is_leaf=quant.is_quantized)
+        params = quant.dequantize_tree(params, dtype)
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
     out_ids = jnp.full((r, max_tokens), pad_id, jnp.int32)
     out_lp = jnp.zeros((r, max_tokens), jnp.float32)
@@ -315,17 +313,13 @@ class JaxEngine:
                               stop_ids, sampling.stop)
 
     def _dequantizes(self, args, options) -> bool:
-        if not any(quant.is_quantized(x) for x in jax.tree.leaves(self.params, is_leaf=quant.is_quantized)):
+        if not quant.has_quantized(self.params):
             return False
         if self.dequantize != "auto":
             return self.dequantize
-        free = free_device_bytes()
-        if free is None:
-            return False
         key = (args[3].shape, tuple(options.items()))
-        if key not in self._dense_fits:  # compiling here also fills jit's cache for the call that follows
-            need = allocated_bytes(rollout.lower(*args, **options, dequantize=True).compile())
-            self._dense_fits[key] = need <= DEQUANTIZE_SHARE * free
+        if key not in self._dense_fits:
+            self._dense_fits[key] = fits_free_memory(rollout, args, {**options, "dequantize": True}, gen.DEQUANTIZE_SHARE)
         return self._dense_fits[key]
 
     def _assemble(self, requests, n, ids, lp, mlp, out_len, stop_ids, stop) -> Completions:
