@@ -103,6 +103,12 @@ def equations(jaxpr, primitive=None):
             yield from equations(sub, primitive)
 
 
+def loops_read_packed_bytes(jaxpr) -> bool:
+    """Whether an operation inside a while loop of the jaxpr reads uint8 data (NF4's packed bytes)."""
+    return any(v.aval.dtype == jnp.uint8 for loop in equations(jaxpr, "while")
+               for eqn in equations(loop.params["body_jaxpr"].jaxpr) for v in eqn.invars)
+
+
 def test_layer_scan_dequantizes_nf4_layers_in_place(tmp_path):
     """Inside the decoder's layer scan, every Pallas dequantize reads its layer from the whole stacked
     bytes: slicing the layer out first (as scan does with its inputs) would copy it on the GPU."""

@@ -147,7 +147,7 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
     from jft import memory
     from jft import model as model_module
     from jft.nn import generate as gen
-    from tests.test_kernels_nf4 import equations
+    from tests.test_kernels_nf4 import loops_read_packed_bytes
 
     save_hf_model("llama", tmp_path / "fp32")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
@@ -174,6 +174,4 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
     for dequantize in (True, False):
         jaxpr = gen.generate_ids.trace(*args, dequantize=dequantize, max_new_tokens=8, temperature=0.0, top_k=0,
                                        top_p=1.0, min_p=0.0, eos_ids=(), pad_id=0).jaxpr
-        packed_in_loop = any(v.aval.dtype == np.uint8 for loop in equations(jaxpr, "while")
-                             for eqn in equations(loop.params["body_jaxpr"].jaxpr) for v in eqn.invars)
-        assert packed_in_loop != dequantize
+        assert loops_read_packed_bytes(jaxpr) != dequantize

@@ -16,7 +16,7 @@ import jft
 from jft.rl import GRPO, GRPOConfig, JaxEngine, SamplingParams, group_advantages, make_grpo_step, policy_loss
 from jft.rl.grpo import build_batch, completion_logprobs
 from jft.rl.rewards import gsm8k_answer_reward, gsm8k_format_reward, gsm8k_prompts
-from tests.test_kernels_nf4 import equations
+from tests.test_kernels_nf4 import loops_read_packed_bytes
 from tests.tiny_models import save_hf_model
 
 GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
@@ -186,9 +186,7 @@ def test_engine_dequantizes_quantized_weights_once_when_they_fit(tmp_path, monke
     real_rollout, packed_bytes_in_loop = engine_module.rollout, []
 
     def traced_rollout(*args, **options):  # notes whether the decoding loop reads NF4's packed bytes
-        jaxpr = real_rollout.trace(*args, **options).jaxpr
-        packed_bytes_in_loop.append(any(v.aval.dtype == jnp.uint8 for loop in equations(jaxpr, "while")
-                                        for eqn in equations(loop.params["body_jaxpr"].jaxpr) for v in eqn.invars))
+        packed_bytes_in_loop.append(loops_read_packed_bytes(real_rollout.trace(*args, **options).jaxpr))
         return real_rollout(*args, **options)
 
     monkeypatch.setattr(engine_module, "rollout", traced_rollout)
