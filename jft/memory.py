@@ -83,11 +83,21 @@ def free_device_bytes() -> int | None:
     return min(s["bytes_limit"] - s["bytes_in_use"] for s in stats)
 
 
+_allocations = {}  # (jitted, call signature) -> allocated_bytes of its compiled program
+
+
 def fits_free_memory(jitted, args, kwargs, share: float) -> bool:
     """Whether `jitted(*args, **kwargs)` allocates at most `share` of the free device memory; False
-    where the devices report none (CPU). Compiling it here also fills jit's cache for that call."""
+    where the devices report none (CPU). The first call of a signature compiles it, which also fills
+    jit's cache for that call; later ones only compare with the memory free now."""
     free = free_device_bytes()
-    return free is not None and allocated_bytes(jitted.lower(*args, **kwargs).compile()) <= share * free
+    if free is None:
+        return False
+    leaves, tree = jax.tree.flatten((args, kwargs))  # static arguments (config, options) are hashable leaves
+    key = (jitted, tree, tuple((x.shape, x.dtype) if isinstance(x, jax.Array) else x for x in leaves))
+    if key not in _allocations:
+        _allocations[key] = allocated_bytes(jitted.lower(*args, **kwargs).compile())
+    return _allocations[key] <= share * free
 
 
 def allocated_bytes(compiled) -> int:

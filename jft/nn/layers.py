@@ -32,9 +32,6 @@ class DenseLayer:
     stack: jax.Array
     index: jax.Array
 
-    def sliced(self) -> jax.Array:
-        return self.stack[self.index]
-
 
 def dense(w, dtype):
     """A weight as a dense array of `dtype`, dequantizing quantized leaves (NF4 through the kernel

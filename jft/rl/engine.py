@@ -20,8 +20,9 @@ log_softmax(logits), by default.)
 
 Quantized weights (NF4, FP8) are dequantized once per `generate` call, inside the rollout program,
 when the dense copy fits (`dequantize="auto"`: the compiled rollout needs at most
-`generate.DEQUANTIZE_SHARE`, half, of the free device memory; never on CPU, which reports none). A decoding step is bound by reading the
-weights, and without the dense copy every step dequantizes each layer again before its matmul.
+`generate.DEQUANTIZE_SHARE`, half, of the free device memory; never on CPU, which reports none). A
+decoding step is bound by reading the weights, and without the dense copy every step dequantizes
+each layer again before its matmul.
 
 Stop strings are matched on the host after generation: the completion is cut after the token that
 completes a stop string (the string itself is removed from `text`), but the slot kept decoding
@@ -281,7 +282,6 @@ class JaxEngine:
         self.slots, self.max_prompt_length, self.dequantize = slots, max_prompt_length, dequantize
         self.eos_ids, self.pad_id = eos_token_ids_of(model), pad_token_id_of(model)
         self.dequantized = False
-        self._dense_fits = {}  # rollout signature -> whether its dense program fits ("auto")
 
     def sync(self, params=None, lora=None) -> None:
         """Points the engine at the current policy (a reference, not a copy)."""
@@ -317,10 +317,7 @@ class JaxEngine:
             return False
         if self.dequantize != "auto":
             return self.dequantize
-        key = (args[3].shape, tuple(options.items()))
-        if key not in self._dense_fits:
-            self._dense_fits[key] = fits_free_memory(rollout, args, {**options, "dequantize": True}, gen.DEQUANTIZE_SHARE)
-        return self._dense_fits[key]
+        return fits_free_memory(rollout, args, {**options, "dequantize": True}, gen.DEQUANTIZE_SHARE)
 
     def _assemble(self, requests, n, ids, lp, mlp, out_len, stop_ids, stop) -> Completions:
         outs, texts, lps, mlps, reasons = [], [], [], [], []
