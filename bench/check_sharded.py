@@ -4,7 +4,9 @@
 
 A functional check on the GPUs of what tests/test_sharding.py checks on 8 CPU devices: a tiny
 model, GRPO over meshes (data=2) and (fsdp=2) against no mesh, and SFT(offload_embedding=True),
-alone and with fsdp=2, against the table on the device. The rows should agree.
+alone and with fsdp=2, against the table on the device. Then the same GRPO on NF4 weights, with the
+rollouts' dense-once dequantize ("auto", which a GPU takes) against dequantizing in every step, and
+SFT(remat="auto") over fsdp=2 against remat="full". The rows should agree.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (
 import jft  # noqa: E402
 from jft.data.testing import digit_count_reward, make_tiny_tokenizer, sum_prompts, sum_questions  # noqa: E402
 from jft.demo import build_tiny_model  # noqa: E402
-from jft.rl import GRPO, GRPOConfig  # noqa: E402
+from jft.rl import GRPO, GRPOConfig, JaxEngine  # noqa: E402
 
 print(jax.devices(), flush=True)
 path = build_tiny_model(tempfile.mkdtemp(), make_tiny_tokenizer(vocab_size=400), hidden=128, layers=2, intermediate=256)
@@ -48,3 +50,16 @@ for m in meshes:
     devs = len(jax.tree.leaves(r.lora)[0].sharding.device_set)
     print("GRPO mesh", None if m is None else dict(m.shape), "lora on", devs, "devices;",
           [(h["reward"], round(h["loss"], 6), round(h["kl"], 6)) for h in r.history], f"{time.perf_counter() - t:.1f}s", flush=True)
+
+nf4 = jft.load(path, dtype="float32", quantize="nf4", progress=False)
+for m in meshes:
+    for dequantize in ("auto", False):
+        engine = JaxEngine(nf4, lora, slots=cfg.prompts_per_step * cfg.num_generations, dequantize=dequantize)
+        r = GRPO(nf4, lora, [digit_count_reward], engine=engine, config=cfg, mesh=m).fit(prompts, steps=3)
+        print("NF4 GRPO mesh", None if m is None else dict(m.shape), f"dequantize={dequantize!r} (made dense: "
+              f"{engine.dequantized});", [(h["reward"], round(h["loss"], 6), round(h["kl"], 6)) for h in r.history],
+              flush=True)
+if len(jax.devices()) >= 2:
+    for remat in ("auto", "full"):
+        r = jft.train.SFT(nf4, lora, remat=remat, mesh=jft.mesh(data=1, fsdp=2), **kw).fit(rows, steps=4)
+        print(f"NF4 SFT fsdp=2 remat={remat!r} ran {r.remat}:", [round(h["loss"], 6) for h in r.history], flush=True)

@@ -12,6 +12,7 @@ import contextlib
 import re
 
 import jax
+import numpy as np
 
 from jft.quant import has_quantized
 
@@ -94,7 +95,7 @@ def fits_free_memory(jitted, args, kwargs, share: float) -> bool:
     if free is None:
         return False
     leaves, tree = jax.tree.flatten((args, kwargs))  # static arguments (config, options) are hashable leaves
-    key = (jitted, tree, tuple((x.shape, x.dtype) if isinstance(x, jax.Array) else x for x in leaves))
+    key = (jitted, tree, tuple((x.shape, x.dtype) if isinstance(x, (jax.Array, np.ndarray)) else x for x in leaves))
     if key not in _allocations:
         _allocations[key] = allocated_bytes(jitted.lower(*args, **kwargs).compile())
     return _allocations[key] <= share * free

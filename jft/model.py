@@ -15,10 +15,9 @@ import numpy as np
 
 from jft.config import Config, load_config, read_config_json, read_json
 from jft.convert import hf
-from jft.memory import explain_out_of_memory, fits_free_memory, quantize_option
+from jft.memory import explain_out_of_memory, quantize_option
 from jft.nn import generate as gen
 from jft.nn import transformer
-from jft.quant import has_quantized
 
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -222,8 +221,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 64, *, temperature: fl
     options = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    min_p=float(min_p), eos_ids=eos, pad_id=pad)
     with explain_out_of_memory("generation", generation_memory_advice(model, len(seqs), max_new_tokens)):
-        dense = has_quantized(model.params) and fits_free_memory(
-            gen.generate_ids, args, {**options, "dequantize": True}, gen.DEQUANTIZE_SHARE)
+        dense = gen.dense_once_fits(gen.generate_ids, args, options)
         out, lengths = gen.generate_ids(*args, **options, dequantize=dense)
         return decode_outputs(model, out, lengths, eos, stop)
 

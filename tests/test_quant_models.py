@@ -145,7 +145,6 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
     whether the weights are made dense once (when the program fits half the free device memory) or
     dequantized in every decoding step (no free memory reported, as on CPU, or too little)."""
     from jft import memory
-    from jft import model as model_module
     from jft.nn import generate as gen
     from tests.test_kernels_nf4 import loops_read_packed_bytes
 
@@ -158,12 +157,13 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     choices = []
+    dense_once_fits = gen.dense_once_fits
 
     def noted_fits(*args):
-        choices.append(memory.fits_free_memory(*args))
+        choices.append(dense_once_fits(*args))
         return choices[-1]
 
-    monkeypatch.setattr(model_module, "fits_free_memory", noted_fits)
+    monkeypatch.setattr(gen, "dense_once_fits", noted_fits)
     for free in (None, 2**40, 2**10):
         monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
         assert jft.generate(model, [prompt], max_new_tokens=8, eos_token_ids=()).ids[0] == want

@@ -1,6 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL against transformers (+ PEFT): vision features, logits, greedy generation,
 image preprocessing, LoRA gradients, adapters and merged export, the collator, a short fine-tune."""
 
+import importlib
 import json
 import os
 
@@ -285,10 +286,17 @@ def test_lora_flags_choose_targets(pair):
 # --- NF4, export, fine-tuning ----------------------------------------------------------------
 
 
-def test_nf4_language_model_matches_transformers_with_the_same_dequantized_weights(pair, tmp_path):
+def test_nf4_language_model_matches_transformers_with_the_same_dequantized_weights(pair, tmp_path, monkeypatch):
+    """Logits, and greedy generation whether the weights are made dense once (the program fits half
+    the free device memory) or dequantized in every decoding step (no free memory reported, as on CPU)."""
+    from jft import memory
     from jft.convert.vlm import save_vlm_params
+    from jft.nn.generate import dense_once_fits
     from jft.vlm.export import merged_params
+    from jft.vlm.model import make_batch
+    from tests.test_kernels_nf4 import loops_read_packed_bytes
 
+    vgen = importlib.import_module("jft.vlm.generate")  # the module; jft.vlm.generate is also its function
     kind, hf, model = pair
     q = vlm.load(model.path, dtype="float32", quantize="nf4", progress=False)
     assert all(hasattr(q.params["layers"][n], "dequantize") for n in ("q", "k", "v", "o", "gate", "up", "down"))
@@ -303,6 +311,33 @@ def test_nf4_language_model_matches_transformers_with_the_same_dequantized_weigh
                                atol=1e-4, rtol=0)
     dense = np.asarray(vlm.forward(model, ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]))
     assert not np.allclose(ours, dense, atol=1e-4)  # the language model really is quantized
+
+    new = 8
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(inputs["pixel_values"]),
+                            image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
+                            mm_token_type_ids=torch.tensor((ids == q.config.image_token_id).astype(np.int64)),
+                            max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, ids.shape[1]:].tolist()
+    choices = []
+
+    def noted_fits(*args):
+        choices.append(dense_once_fits(*args))
+        return choices[-1]
+
+    monkeypatch.setattr(vgen, "dense_once_fits", noted_fits)
+    for free in (None, 2**40, 2**10):
+        monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
+        assert vlm.generate(q, {"input_ids": ids.tolist(), **inputs}, max_new_tokens=new, eos_token_ids=()).ids[0] == want
+    assert choices == [False, True, False]
+
+    batch = {k: v for k, v in make_batch(q.config, ids, np.ones_like(ids), inputs["pixel_values"],
+                                         inputs["image_grid_thw"]).items() if k in vgen._BATCH_KEYS}
+    for dequantize in (True, False):
+        jaxpr = vgen.generate_ids.trace(q.config, q.params, None, batch, jax.random.key(0), dequantize=dequantize,
+                                        max_new_tokens=new, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                                        eos_ids=(), pad_id=0).jaxpr
+        assert loops_read_packed_bytes(jaxpr) != dequantize
 
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (20, 40, 230), "yellow": (240, 230, 20)}

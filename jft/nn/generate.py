@@ -14,6 +14,7 @@ import numpy as np
 
 from jft import quant
 from jft.config import Config
+from jft.memory import fits_free_memory
 from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
 
 
@@ -101,6 +102,13 @@ SAMPLING_STATICS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
 # step; generation makes them dense once instead when its compiled program needs at most this share
 # of the free device memory.
 DEQUANTIZE_SHARE = 0.5
+
+
+def dense_once_fits(jitted, args, options) -> bool:
+    """Whether `jitted(*args, **options, dequantize=True)` should run: args[1] (the params) hold
+    quantized leaves and that program needs at most DEQUANTIZE_SHARE of the free device memory."""
+    return quant.has_quantized(args[1]) and fits_free_memory(jitted, args, {**options, "dequantize": True},
+                                                             DEQUANTIZE_SHARE)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dequantize", *SAMPLING_STATICS))

@@ -41,7 +41,6 @@ import numpy as np
 
 from jft import quant
 from jft.config import Config
-from jft.memory import fits_free_memory
 from jft.model import no_tokenizer_error
 from jft.nn import generate as gen
 from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
@@ -313,11 +312,9 @@ class JaxEngine:
                               stop_ids, sampling.stop)
 
     def _dequantizes(self, args, options) -> bool:
-        if not quant.has_quantized(self.params):
-            return False
-        if self.dequantize != "auto":
-            return self.dequantize
-        return fits_free_memory(rollout, args, {**options, "dequantize": True}, gen.DEQUANTIZE_SHARE)
+        if self.dequantize == "auto":
+            return gen.dense_once_fits(rollout, args, options)
+        return self.dequantize and quant.has_quantized(self.params)
 
     def _assemble(self, requests, n, ids, lp, mlp, out_len, stop_ids, stop) -> Completions:
         outs, texts, lps, mlps, reasons = [], [], [], [], []
