@@ -235,7 +235,7 @@ def _grpo(args) -> int:
         from jft.rl.vllm_engine import VllmEngine
 
         engine = VllmEngine(model, lora, max_model_len=args.max_prompt_length + args.max_completion_length)
-    trainer = GRPO(model, lora, rewards, engine=engine, config=cfg, mesh=mesh)
+    trainer = GRPO(model, lora, rewards, engine=engine, config=cfg, mesh=mesh, offload_embedding=args.offload_embedding)
     state = trainer.fit(rows, steps=args.steps, resume=args.resume)
     _save_adapter(model, state.lora, args.out, "reward.png")
     return 0
@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mesh", help="data,fsdp,tensor: shard over the devices (e.g. 1,-1,1 for FSDP over all)")
     r.add_argument("--distributed", nargs="?", const="auto", metavar="HOST:PORT,PROCESSES,ID", help=_DISTRIBUTED_HELP)
     r.add_argument("--quantize", choices=["nf4", "fp8"])
+    r.add_argument("--offload-embedding", action="store_true",
+                   help="keep the frozen token embedding in host memory (untied models; 1 GiB less on an 8B)")
     r.add_argument("--dtype", default="bfloat16")
     r.add_argument("--r", type=int, default=16)
     r.add_argument("--alpha", type=float, default=16.0)

@@ -418,7 +418,8 @@ def test_cli_grpo_on_gsm8k(tmp_path):
     build_tiny_model(str(tmp_path / "model"), tok, hidden=64, layers=2, intermediate=128)
     rc = main(["grpo", "--model", str(tmp_path / "model"), "--dataset", str(data), "--reward", "gsm8k", "--out",
                str(tmp_path / "out"), "--steps", "2", "--prompts-per-step", "2", "--num-generations", "2",
-               "--max-completion-length", "8", "--max-prompt-length", "128", "--dtype", "float32", "--beta", "0.04"])
+               "--max-completion-length", "8", "--max-prompt-length", "128", "--dtype", "float32", "--beta", "0.04",
+               "--offload-embedding"])
     assert rc == 0
     logged = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert len(logged) == 2 and "rewards/gsm8k_answer_reward/mean" in logged[0] and "kl" in logged[0]
@@ -440,6 +441,24 @@ def test_a_lora_without_targets_is_refused(llama):
     _, model = llama
     with pytest.raises(ValueError, match="the LoRA has no targets"):
         GRPO(model, jft.lora.init(model, r=2, targets=[]), [answers_with_a_digit])
+
+
+def test_offloaded_embedding_trains_like_the_embedding_on_the_device(tmp_path):
+    model, rows = _digit_sum_task(tmp_path / "model")
+    lora = jft.lora.init(model, r=4, key=jax.random.key(0))
+    cfg = GRPOConfig(prompts_per_step=2, num_generations=4, micro_batch_size=4, num_iterations=2, beta=0.05,
+                     learning_rate=1e-2, max_completion_length=3, max_prompt_length=16, progress=False)
+    on_device = GRPO(model, lora, [answers_the_sum], config=cfg).fit(rows, steps=3)
+    host_model = dataclasses.replace(model, params=dict(model.params))  # offloading moves this model's table
+    trainer = GRPO(host_model, lora, [answers_the_sum], config=cfg, offload_embedding=True)
+    assert isinstance(host_model.params["embed"], np.ndarray)
+    on_host = trainer.fit(rows, steps=3)
+    for key in ("reward", "loss", "kl", "grad_norm", "clip_fraction"):
+        expected, got = [h[key] for h in on_device.history], [h[key] for h in on_host.history]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9, err_msg=key)
+    assert on_device.history[-1]["kl"] > 0  # the LoRA moved the policy: the check compares trained steps
+    for a, b in zip(jax.tree.leaves(on_device.lora), jax.tree.leaves(on_host.lora)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
 def test_resume_gives_identical_lora(tmp_path):

@@ -7,6 +7,8 @@ the prompt left-padded to P, then the completion right-padded to C = max_complet
     completion_mask                    [B, C]       (1 on completion tokens, stop token included)
     advantages                         [B]
     old_logprobs (optional)            [B, C]       (when num_iterations > 1)
+    inputs_embeds (optional)           [B, P + C, D] (the rows' embeddings, looked up on the host when
+                                                     the embedding lives there; see `GRPO`)
 
 Completion log-probs come from the final hidden states through the fused chunked lm_head +
 cross-entropy kernel, so [B, T, V] logits never exist. The reference policy is the same params
@@ -32,14 +34,14 @@ from jft.config import Config
 from jft.lora import check_trains_something
 from jft.memory import explain_out_of_memory, quantize_option, remat_option
 from jft.nn.generate import bucket
-from jft.nn.layers import dense
+from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
 from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
 from jft.train.checkpoint import start_run
 from jft.train.optim import adamw, schedule
-from jft.train.sft import TrainingDiverged, plot_curves, plot_losses
+from jft.train.sft import TrainingDiverged, offload_embedding_table, plot_curves, plot_losses
 
 IGNORE = -100
 
@@ -115,7 +117,7 @@ def completion_logprobs(config: Config, params, lora, batch, *, temperature: flo
     c = mask.shape[1]
     p = batch["input_ids"].shape[1] - c
     hidden, _ = forward_hidden(config, params, batch["input_ids"], batch["positions"], batch["segment_ids"], lora=lora,
-                               remat=remat, attn_impl=attn_impl)
+                               remat=remat, attn_impl=attn_impl, inputs_embeds=batch.get("inputs_embeds"))
     h = hidden[:, p - 1 : p + c - 1]  # the hidden state before each completion token predicts it
     b, _, d = h.shape
     labels = jnp.where(mask > 0, batch["input_ids"][:, p:], IGNORE)
@@ -148,7 +150,7 @@ def grpo_loss(config: Config, params, lora, batch, cfg: GRPOConfig, *, num_items
                        **_loss_kwargs(cfg))
 
 
-_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "completion_mask", "advantages", "old_logprobs")
+_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "completion_mask", "advantages", "old_logprobs", "inputs_embeds")
 
 
 def make_grpo_step(config: Config, optimizer: optax.GradientTransformation, cfg: GRPOConfig, *, attn_impl: str = "xla",
@@ -260,10 +262,13 @@ class GRPO:
     or chat messages rendered with the tokenizer's chat template) and any other columns.
     With `mesh=jft.mesh(...)` the params are sharded over it, as in `SFT`, and each step's completions
     split over data x fsdp (prompts_per_step * num_generations must divide by their product).
+    With `offload_embedding=True` the frozen token embedding stays in host memory, as in `SFT`: the
+    training step gets each batch's rows looked up on the host, and each rollout copies the table in
+    for its own program only.
     """
 
     def __init__(self, model, lora, reward_fns, engine=None, config: GRPOConfig | None = None, *,
-                 optimizer: optax.GradientTransformation | None = None, mesh=None):
+                 optimizer: optax.GradientTransformation | None = None, mesh=None, offload_embedding: bool = False):
         self.config = config or GRPOConfig()
         check_trains_something(lora, model.config.num_layers)
         self.mesh = mesh
@@ -272,6 +277,7 @@ class GRPO:
         if mesh is not None:
             model, lora = sharding.shard_model(model, mesh), sharding.replicate(lora, mesh)
         self.model, self.lora = model, lora
+        self.embed_table = offload_embedding_table(model, lora) if offload_embedding else None
         self.reward_fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         if not self.reward_fns:
             raise ValueError("give at least one reward function")
@@ -344,7 +350,10 @@ class GRPO:
         options = [f"a smaller micro_batch_size (now {cfg.micro_batch_size or cfg.batch_size} of the {cfg.batch_size} "
                    "completions per gradient pass)", f"a smaller max_completion_length (now {cfg.max_completion_length})",
                    "fewer prompts_per_step or num_generations"]
-        return "; ".join(options + remat_option(cfg.remat) + quantize_option(self.model.params))
+        options += remat_option(cfg.remat) + quantize_option(self.model.params)
+        if self.embed_table is None and not self.model.config.tie_embeddings:
+            options.append("offload_embedding=True")
+        return "; ".join(options)
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, prompts_dataset, steps: int, *, resume: bool = False, callbacks=()) -> GRPOState:
@@ -362,6 +371,9 @@ class GRPO:
         opt_state = sharding.replicate(optimizer.init(lora), self.mesh)  # its counters too: restored there as well
         attn_impl = resolve_attention(self.model.config, packed=True)  # rows are left-padded prompts + completions
         step_fn = sharding.scoped(self.mesh, make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl))
+        params = self.model.params  # what the step reads: without the embedding when it lives on the host
+        if self.embed_table is not None:
+            params = {k: v for k, v in params.items() if k != "embed"}
         logprob_fn = sharding.scoped(self.mesh, jax.jit(completion_logprobs,
                                                         static_argnames=("config", "temperature", "remat", "attn_impl")))
 
@@ -374,12 +386,14 @@ class GRPO:
             for step in range(start, steps):
                 batch, record, _ = self.rollout([rows[i] for i in next(stream)], lora, step)
                 t0 = time.perf_counter()
+                if self.embed_table is not None:
+                    batch["inputs_embeds"] = embed_tokens_on_host(self.model.config, self.embed_table, batch["input_ids"])
                 batch = sharding.place_batch(batch, self.mesh)
                 if cfg.num_iterations > 1:
-                    batch["old_logprobs"] = logprob_fn(self.model.config, self.model.params, lora, batch,
+                    batch["old_logprobs"] = logprob_fn(self.model.config, params, lora, batch,
                                                        temperature=cfg.temperature, remat="none", attn_impl=attn_impl)
                 for _ in range(cfg.num_iterations):
-                    lora, opt_state, metrics = step_fn(self.model.params, lora, opt_state, batch)
+                    lora, opt_state, metrics = step_fn(params, lora, opt_state, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 if not math.isfinite(metrics["loss"]):
                     raise TrainingDiverged(f"loss became {metrics['loss']} at step {step + 1}; lower the learning rate "
