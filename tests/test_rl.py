@@ -239,6 +239,34 @@ def _nucleus_log_probs(logits, temperature, top_p=1.0, top_k=0):
     return out
 
 
+@pytest.mark.parametrize("slots", [4, 2], ids=["prefilled", "refilled"])
+def test_longrope_engine_takes_each_sequences_own_factors(tmp_path, slots):
+    """Phi-3's longrope: each completion equals jft.generate on its prompt alone (which equals
+    transformers), whether it stays within the original context (32), starts past it, or crosses it
+    while decoding or, for a slot refilled token by token, while reading its prompt."""
+    from tests.tiny_models import LONGROPE
+
+    save_hf_model("phi3", tmp_path, **LONGROPE)
+    model = jft.load(str(tmp_path), dtype="float32")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in (5, 40, 20, 31)]
+    new = 16
+    engine = JaxEngine(model, slots=slots)
+    got = engine.generate(prompts, sampling=SamplingParams(max_tokens=new, temperature=0.0, stop_token_ids=()))
+    for prompt, ids in zip(prompts, got.ids):
+        assert ids == jft.generate(model, [prompt], max_new_tokens=new, eos_token_ids=()).ids[0]
+
+    # the training side takes each row's own factors too: a row's log-probs do not depend on the batch,
+    # and equal the engine's where a sequence kept one factor set throughout (within, or past from the start)
+    batch = build_batch(got, np.zeros(len(prompts)), max_completion_length=new, pad_id=0)
+    whole = np.asarray(completion_logprobs(model.config, model.params, None, batch))
+    for row in range(len(prompts)):
+        alone = completion_logprobs(model.config, model.params, None, {k: v[row : row + 1] for k, v in batch.items()})
+        np.testing.assert_allclose(whole[row], np.asarray(alone)[0], atol=1e-5, rtol=0)
+    for row in (0, 1):
+        np.testing.assert_allclose(whole[row], got.model_logprobs[row], atol=1e-4, rtol=0)
+
+
 def test_sampled_frequencies_match_tempered_nucleus_softmax(llama):
     _, model = llama
     sharp = dataclasses.replace(model, params={**model.params, "lm_head": model.params["lm_head"] * 3.0})

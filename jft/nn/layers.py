@@ -148,13 +148,15 @@ def rope_tables(inv_freq, positions, scale: float = 1.0):
     return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
-def rope_for(rope: Rope, rotary_dim: int, positions):
+def rope_for(rope: Rope, rotary_dim: int, positions, per_row: bool = False):
     """The rope tables of `positions` [B, T]. Longrope, like transformers, takes its long factors when
     the forward reaches beyond the original context (its largest position + 1 exceeds it), else its
-    short ones; the choice is traced, so one compiled step serves both."""
+    short ones; the choice is traced, so one compiled step serves both. It is made for the whole
+    batch, as transformers does, or with `per_row` for each row as if it ran alone."""
     if rope.kind != "longrope":
         return rope_tables(inv_frequencies(rope, rotary_dim), positions, rope.attention_factor)
-    long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    last = jnp.max(positions, axis=-1, keepdims=True)[..., None] if per_row else jnp.max(positions)
+    long = last + 1 > rope.original_max_position_embeddings
     inv = jnp.where(long, inv_frequencies(rope, rotary_dim, long=True), inv_frequencies(rope, rotary_dim))
     return rope_tables(inv, positions, rope.attention_factor)
 

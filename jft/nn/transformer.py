@@ -260,6 +260,15 @@ def _rope_for(config: Config, positions):
     return rope_g, rope_l
 
 
+def rope_per_row(config: Config, positions):
+    """Rope tables [B, T, rotary_dim] with longrope's factor set chosen for each row as if it ran alone
+    (a sequence's own length decides, not the batch's longest); None for every other rope, whose
+    tables do not depend on the batch."""
+    if config.rope.kind != "longrope":
+        return None
+    return rope_for(config.rope, config.rotary_dims, positions, per_row=True)
+
+
 def forward_hidden(config: Config, params, input_ids, positions, segment_ids, *, lora=None, cache=None,
                    dropout_key=None, remat: str = "none", attn_impl: str = "xla", dtype=None, inputs_embeds=None,
                    rope=None):

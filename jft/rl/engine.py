@@ -24,6 +24,10 @@ when the dense copy fits (`dequantize="auto"`: the compiled rollout needs at mos
 decoding step is bound by reading the weights, and without the dense copy every step dequantizes
 each layer again before its matmul.
 
+A longrope model (Phi-3) takes its factor set per sequence, as that sequence would alone: short
+within the original context; the step at which a sequence first reaches past it recomputes that
+slot's cache row with the long factors (transformers' Phi-3 does the same for one sequence).
+
 Stop strings are matched on the host after generation: the completion is cut after the token that
 completes a stop string (the string itself is removed from `text`), but the slot kept decoding
 until a stop token or max_tokens.
@@ -43,7 +47,7 @@ from jft import quant
 from jft.config import Config
 from jft.model import no_tokenizer_error
 from jft.nn import generate as gen
-from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden
+from jft.nn.transformer import forward_hidden, init_cache, logits_from_hidden, rope_per_row
 
 _EMPTY_POSITION = np.iinfo(np.int32).max
 
@@ -114,8 +118,38 @@ def _left_align(prompts, lengths):
 def _decode_rows(config: Config, params, lora, tokens, positions, segments, cache):
     """One token per slot through the decoder; cache["index"] holds each slot's own write index."""
     hidden, cache = forward_hidden(config, params, tokens[:, None], positions[:, None], segments[:, None], lora=lora,
-                                   cache=cache)
+                                   cache=cache, rope=rope_per_row(config, positions[:, None]))
     return logits_from_hidden(config, params, hidden, lora)[:, 0], cache
+
+
+def _recompute_crossing_rows(config: Config, params, lora, prompts, prompt_lengths, out_ids, slot_req, crossing, logits,
+                             cache):
+    """Longrope: each slot in `crossing` has just fed the first token past the original context;
+    its sequence so far is run again whole, with the long factors, into a fresh cache row, and that
+    row's logits replace the step's. Returns (logits, cache)."""
+    n = config.rope.original_max_position_embeddings + 1  # tokens of the sequence so far
+    length = cache["positions"].shape[1]
+    cols = jnp.arange(length, dtype=jnp.int32)
+    seen = cols < n
+
+    def recompute(slot, logits, cache):
+        req, plen = slot_req[slot], prompt_lengths[slot_req[slot]]
+        ids = jnp.where(cols < plen, prompts[req, jnp.minimum(cols, prompts.shape[1] - 1)],
+                        out_ids[req, jnp.clip(cols - plen, 0, out_ids.shape[1] - 1)])
+        row = init_cache(config, 1, length, cache["k"].dtype)
+        hidden, row = forward_hidden(config, params, ids[None], cols[None], seen[None].astype(jnp.int32), lora=lora,
+                                     cache=row)
+        row_logits = logits_from_hidden(config, params, hidden[:, n - 1 : n], lora)[0, 0]
+        return logits.at[slot].set(row_logits), {
+            "k": cache["k"].at[:, slot].set(row["k"][:, 0]), "v": cache["v"].at[:, slot].set(row["v"][:, 0]),
+            "positions": cache["positions"].at[slot].set(jnp.where(seen, cols, _EMPTY_POSITION)),
+            "segments": cache["segments"].at[slot].set(jnp.where(seen, 1, -1)),
+            "index": cache["index"].at[slot].set(n)}
+
+    def visit(slot, carry):
+        return jax.lax.cond(crossing[slot], lambda: recompute(slot, *carry), lambda: carry)
+
+    return jax.lax.fori_loop(0, crossing.shape[0], visit, (logits, cache))
 
 
 def _pick(logits, keys, temperature, top_k, top_p, min_p):
@@ -155,9 +189,11 @@ def rollout(config: Config, params, lora, prompts, prompt_lengths, key, *, slots
     first_ids, first_mask = _left_align(prompts[:s], prompt_lengths[:s])
     positions = jnp.maximum(jnp.cumsum(first_mask, axis=1) - 1, 0)
     cache = init_cache(config, s, p + max_tokens, dtype)
-    hidden, cache = forward_hidden(config, params, first_ids, positions, first_mask, lora=lora, cache=cache)
+    hidden, cache = forward_hidden(config, params, first_ids, positions, first_mask, lora=lora, cache=cache,
+                                   rope=rope_per_row(config, positions))
     logits = logits_from_hidden(config, params, hidden[:, -1:], lora)[:, 0]
     cache = {**cache, "index": jnp.full((s,), p, jnp.int32)}
+    crosses = config.rope.kind == "longrope" and p + max_tokens > config.rope.original_max_position_embeddings
 
     slot_req = jnp.arange(s, dtype=jnp.int32)
     slot_cursor = prompt_lengths[:s]  # prompt tokens already in the cache
@@ -212,6 +248,13 @@ def rollout(config: Config, params, lora, prompts, prompt_lengths, key, *, slots
         old_index = cache["index"]
         logits, cache = _decode_rows(config, params, lora, tokens, positions, segments, cache)
         cache = {**cache, "index": jnp.where(active, cache["index"], old_index)}
+        if crosses:
+            crossing = active & (positions == config.rope.original_max_position_embeddings)
+            logits, cache = jax.lax.cond(
+                jnp.any(crossing),
+                lambda: _recompute_crossing_rows(config, params, lora, prompts, prompt_lengths, out_ids, slot_req,
+                                                 crossing, logits, cache),
+                lambda: (logits, cache))
         slot_cursor = slot_cursor + (active & in_prompt).astype(jnp.int32)
         emitting = active & (slot_cursor >= plen)  # the last prompt token or a generated one was fed
         state = (cache, slot_req, slot_cursor, slot_gen, next_req, out_ids, out_lp, out_mlp, out_len, finished)

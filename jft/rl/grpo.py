@@ -35,7 +35,7 @@ from jft.lora import check_trains_something
 from jft.memory import explain_out_of_memory, quantize_option, remat_option
 from jft.nn.generate import bucket
 from jft.nn.layers import dense, embed_tokens_on_host
-from jft.nn.transformer import forward_hidden, output_weight, resolve_attention
+from jft.nn.transformer import forward_hidden, output_weight, resolve_attention, rope_per_row
 from jft.rl.engine import Completions, JaxEngine, SamplingParams
 from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
@@ -117,7 +117,8 @@ def completion_logprobs(config: Config, params, lora, batch, *, temperature: flo
     c = mask.shape[1]
     p = batch["input_ids"].shape[1] - c
     hidden, _ = forward_hidden(config, params, batch["input_ids"], batch["positions"], batch["segment_ids"], lora=lora,
-                               remat=remat, attn_impl=attn_impl, inputs_embeds=batch.get("inputs_embeds"))
+                               remat=remat, attn_impl=attn_impl, inputs_embeds=batch.get("inputs_embeds"),
+                               rope=rope_per_row(config, batch["positions"]))  # each completion as the engine ran it
     h = hidden[:, p - 1 : p + c - 1]  # the hidden state before each completion token predicts it
     b, _, d = h.shape
     labels = jnp.where(mask > 0, batch["input_ids"][:, p:], IGNORE)
