@@ -5,8 +5,9 @@
 A functional check on the GPUs of what tests/test_sharding.py checks on 8 CPU devices: a tiny
 model, GRPO over meshes (data=2) and (fsdp=2) against no mesh, and SFT(offload_embedding=True),
 alone and with fsdp=2, against the table on the device. Then the same GRPO on NF4 weights, with the
-rollouts' dense-once dequantize ("auto", which a GPU takes) against dequantizing in every step, and
-SFT(remat="auto") over fsdp=2 against remat="full". The rows should agree.
+rollouts' dense-once dequantize ("auto", which a GPU takes) against dequantizing in every step and
+with GRPO(offload_embedding=True), and SFT(remat="auto") over fsdp=2 against remat="full". The rows
+should agree.
 """
 
 import dataclasses
@@ -59,6 +60,11 @@ for m in meshes:
         print("NF4 GRPO mesh", None if m is None else dict(m.shape), f"dequantize={dequantize!r} (made dense: "
               f"{engine.dequantized});", [(h["reward"], round(h["loss"], 6), round(h["kl"], 6)) for h in r.history],
               flush=True)
+host_nf4 = dataclasses.replace(nf4, params=dict(nf4.params))
+trainer = GRPO(host_nf4, lora, [digit_count_reward], config=cfg, offload_embedding=True)
+r = trainer.fit(prompts, steps=3)
+print(f"NF4 GRPO, embedding on the host (made dense: {trainer.engine.dequantized});",
+      [(h["reward"], round(h["loss"], 6), round(h["kl"], 6)) for h in r.history], flush=True)
 if len(jax.devices()) >= 2:
     for remat in ("auto", "full"):
         r = jft.train.SFT(nf4, lora, remat=remat, mesh=jft.mesh(data=1, fsdp=2), **kw).fit(rows, steps=4)
