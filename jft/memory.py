@@ -75,6 +75,12 @@ def remat_option(remat: str) -> list[str]:
     return ['remat="offload"'] if remat == "full" else [f'remat="full" or "offload" (now "{remat}")']
 
 
+def offload_embedding_option(config, offloaded: bool) -> list[str]:
+    """offload_embedding=True as an option, unless the table is offloaded already or is also the output
+    projection (tied)."""
+    return [] if offloaded or config.tie_embeddings else ["offload_embedding=True"]
+
+
 def free_device_bytes() -> int | None:
     """The least free memory among the local devices under XLA's allocator; None where a device does
     not report it (CPU)."""

@@ -140,6 +140,18 @@ def test_8b_llama_in_nf4_takes_about_5_7_gib():
         assert got / 2**30 <= 5.7
 
 
+def note_dense_choices(monkeypatch, module) -> list[bool]:
+    """Records every choice `module.dense_once_fits` makes (patched for the test); returns the record."""
+    choices, decide = [], module.dense_once_fits
+
+    def noted(*args):
+        choices.append(decide(*args))
+        return choices[-1]
+
+    monkeypatch.setattr(module, "dense_once_fits", noted)
+    return choices
+
+
 def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, monkeypatch):
     """Greedy generation from an NF4 model equals transformers on bitsandbytes' dequantized weights,
     whether the weights are made dense once (when the program fits half the free device memory) or
@@ -156,14 +168,7 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
     with torch.no_grad():
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    choices = []
-    dense_once_fits = gen.dense_once_fits
-
-    def noted_fits(*args):
-        choices.append(dense_once_fits(*args))
-        return choices[-1]
-
-    monkeypatch.setattr(gen, "dense_once_fits", noted_fits)
+    choices = note_dense_choices(monkeypatch, gen)
     for free in (None, 2**40, 2**10):
         monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
         assert jft.generate(model, [prompt], max_new_tokens=8, eos_token_ids=()).ids[0] == want

@@ -291,10 +291,10 @@ def test_nf4_language_model_matches_transformers_with_the_same_dequantized_weigh
     the free device memory) or dequantized in every decoding step (no free memory reported, as on CPU)."""
     from jft import memory
     from jft.convert.vlm import save_vlm_params
-    from jft.nn.generate import dense_once_fits
     from jft.vlm.export import merged_params
     from jft.vlm.model import make_batch
     from tests.test_kernels_nf4 import loops_read_packed_bytes
+    from tests.test_quant_models import note_dense_choices
 
     vgen = importlib.import_module("jft.vlm.generate")  # the module; jft.vlm.generate is also its function
     kind, hf, model = pair
@@ -319,13 +319,7 @@ def test_nf4_language_model_matches_transformers_with_the_same_dequantized_weigh
                             mm_token_type_ids=torch.tensor((ids == q.config.image_token_id).astype(np.int64)),
                             max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
                             pad_token_id=0)[0, ids.shape[1]:].tolist()
-    choices = []
-
-    def noted_fits(*args):
-        choices.append(dense_once_fits(*args))
-        return choices[-1]
-
-    monkeypatch.setattr(vgen, "dense_once_fits", noted_fits)
+    choices = note_dense_choices(monkeypatch, vgen)
     for free in (None, 2**40, 2**10):
         monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
         assert vlm.generate(q, {"input_ids": ids.tolist(), **inputs}, max_new_tokens=new, eos_token_ids=()).ids[0] == want

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from jft import kernels, sharding
 from jft.config import Config
 from jft.lora import check_trains_something
-from jft.memory import explain_out_of_memory, quantize_option, remat_option
+from jft.memory import explain_out_of_memory, offload_embedding_option, quantize_option, remat_option
 from jft.nn.generate import bucket
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import forward_hidden, output_weight, resolve_attention, rope_per_row
@@ -352,9 +352,7 @@ class GRPO:
                    "completions per gradient pass)", f"a smaller max_completion_length (now {cfg.max_completion_length})",
                    "fewer prompts_per_step or num_generations"]
         options += remat_option(cfg.remat) + quantize_option(self.model.params)
-        if self.embed_table is None and not self.model.config.tie_embeddings:
-            options.append("offload_embedding=True")
-        return "; ".join(options)
+        return "; ".join(options + offload_embedding_option(self.model.config, self.embed_table is not None))
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, prompts_dataset, steps: int, *, resume: bool = False, callbacks=()) -> GRPOState:

@@ -23,7 +23,8 @@ from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
 from jft.lora import check_trains_something
-from jft.memory import allocated_bytes, explain_out_of_memory, format_bytes, free_device_bytes, quantize_option, remat_option
+from jft.memory import (allocated_bytes, explain_out_of_memory, format_bytes, free_device_bytes, offload_embedding_option,
+                        quantize_option, remat_option)
 from jft.model import no_tokenizer_error, pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import REMAT_POLICIES, resolve_attention
@@ -166,8 +167,7 @@ class SFT:
         options = [f"a smaller batch_size (now {self.batch_size}; a larger grad_accum, now {self.grad_accum}, keeps the "
                    "effective batch)", f"a smaller max_seq_length (now {self.max_seq_length})"]
         options += remat_option(remat or self.remat) + quantize_option(self.model.params)
-        if self.embed_table is None and not self.model.config.tie_embeddings:
-            options.append("offload_embedding=True")
+        options += offload_embedding_option(self.model.config, self.embed_table is not None)
         if self.mesh is None and jax.device_count() > 1:
             options.append(f"mesh=jft.mesh() to shard over the {jax.device_count()} devices")
         return "; ".join(options)
