@@ -420,3 +420,26 @@ def test_yarn_config_is_read_and_checked():
     assert implied.factor == 4.0  # max_position_embeddings / original, as transformers takes it
     with pytest.raises(jft.ConfigError, match=r"rope_scaling\.beta_fast must be a number, got 'fast'"):
         config_from_hf({**qwen, "rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": "fast"}})
+
+
+def test_auto_attention_takes_cudnn_only_where_its_kernel_serves(tmp_path, monkeypatch):
+    """cuDNN's causal kernel takes unpacked rows of 16-bit activations without softcap; other GPU
+    batches go to jft's flash kernel, and other backends to XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    from jft.nn import transformer
+
+    save_hf_model("llama", tmp_path / "m")
+    model = jft.load(str(tmp_path / "m"), dtype="float32")
+    config = model.config
+    softcapped = dataclasses.replace(config, attn_logit_softcap=50.0)
+    assert transformer.resolve_attention(config, packed=False, dtype=jnp.bfloat16) == "xla"  # this machine's CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert transformer.resolve_attention(config, packed=False, dtype=jnp.bfloat16) == "cudnn"
+    assert transformer.resolve_attention(config, packed=False, dtype=jnp.float16) == "cudnn"
+    assert transformer.resolve_attention(config, packed=False, dtype=jnp.float32) == "flash"
+    assert transformer.resolve_attention(config, packed=True, dtype=jnp.bfloat16) == "flash"
+    assert transformer.resolve_attention(softcapped, packed=False, dtype=jnp.bfloat16) == "flash"
+    assert transformer.resolve_attention(config, packed=False, attention="xla", dtype=jnp.bfloat16) == "xla"
+    assert jft.train.SFT(model, jft.lora.init(model, r=2)).attention == "flash"  # a float32 model

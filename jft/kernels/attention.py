@@ -364,17 +364,18 @@ def attention_pallas(
     b, t, hq, hd = q.shape
     s = k.shape[1]
     hd_padded = max(16, next_pow2(hd))
-    wide = hd_padded > 128
+    row_bytes = hd_padded * jnp.dtype(q.dtype).itemsize  # shared memory grows with it
+    wide, wider = row_bytes > 256, row_bytes > 512  # bf16 at hd 256 or float32 at hd 128; float32 at hd 256
     cfg = _Config(
         scale=float(hd**-0.5 if scale is None else scale),
         window=None if window is None else int(window),
         softcap=None if softcap is None else float(softcap),
         # the fastest of a sweep on the H200 (docs/benchmarks.md); wider tiles or deeper pipelines
-        # exceed shared memory at hd 256
-        block_q=_block(block_q or 128, t),
-        block_k=_block(block_k or 64, s),
-        block_q_bwd=_block(block_q_bwd or (64 if wide else 128), t),
-        block_k_bwd=_block(block_k_bwd or 64, s),
+        # exceed shared memory at wider rows
+        block_q=_block(block_q or (64 if wider else 128), t),
+        block_k=_block(block_k or (32 if wider else 64), s),
+        block_q_bwd=_block(block_q_bwd or (32 if wider else 64 if wide else 128), t),
+        block_k_bwd=_block(block_k_bwd or (32 if wider else 64), s),
         num_warps=4 if hd_padded <= 64 else 8,
         stages=2 if wide else 3,
     )

@@ -235,15 +235,16 @@ def _flash_attention(c: Config, q, k, v, sliding, meta):
         softcap=c.attn_logit_softcap))
 
 
-def resolve_attention(config: Config, packed: bool, attention: str = "auto") -> str:
+def resolve_attention(config: Config, packed: bool, attention: str = "auto", dtype=jnp.bfloat16) -> str:
     """A checked attn_impl; "auto" is the fastest exact one for training batches on this backend:
-    cuDNN for unpacked rows (without softcap), jft's flash kernel for packed rows or softcap on GPU,
-    XLA elsewhere."""
+    cuDNN for unpacked rows of 16-bit activations (without softcap), jft's flash kernel for packed
+    rows, softcap or float32 on GPU, XLA elsewhere."""
     if attention != "auto":
         return _checked_attention(attention)
     if jax.default_backend() != "gpu":
         return "xla"
-    return "flash" if packed or config.attn_logit_softcap is not None else "cudnn"
+    cudnn_serves = not packed and config.attn_logit_softcap is None and jnp.dtype(dtype).itemsize == 2
+    return "cudnn" if cudnn_serves else "flash"
 
 
 def _checked_attention(attn_impl: str) -> str:

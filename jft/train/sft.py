@@ -121,7 +121,7 @@ class SFT:
         self.max_seq_length, self.batch_size, self.grad_accum = max_seq_length, batch_size, grad_accum
         self.packing, self.template, self.responses_only, self.format = packing, template, responses_only, format
         self.remat, self.out_dir, self.seed, self.progress = remat, out_dir, seed, progress
-        self.attention = resolve_attention(model.config, packing, attention)
+        self.attention = resolve_attention(model.config, packing, attention, model.params["embed"].dtype)
         self.checkpoint_every, self.eval_every, self.log_every = checkpoint_every, eval_every, log_every
         if checkpoint_every and not out_dir:
             raise ValueError("checkpoint_every needs out_dir")
