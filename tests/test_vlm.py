@@ -100,11 +100,20 @@ def _hf_logits(hf, model, ids, pixels, grids, mask=None):
 # --- parity ----------------------------------------------------------------------------------
 
 
-def test_vision_features_match_transformers(pair):
+@pytest.mark.parametrize("kernel_mode", ["auto", "pallas"])
+def test_vision_features_match_transformers(pair, kernel_mode):
+    """"auto" is the masked reference on CPU; "pallas" the flash kernel the GPU runs (interpreted)."""
+    from jft.nn.vision import encode_patches, patch_metadata
+
     kind, hf, model = pair
     images = [_image(37, 29, 0), _image(20, 50, 1), _image(40, 40, 2)]  # 10x8, 4x12, 10x10 patch grids
     inputs = model.image_processor(images)
-    ours = np.asarray(vlm.encode_images(model, inputs["pixel_values"], inputs["image_grid_thw"]))
+    meta = patch_metadata(model.config.vision, inputs["image_grid_thw"], pad_to=512)  # padding patches too
+    pixels = np.zeros((512, inputs["pixel_values"].shape[1]), np.float32)
+    pixels[: len(inputs["pixel_values"])] = inputs["pixel_values"]
+    with jft.kernels.use(kernel_mode):  # a new function, traced under this mode
+        ours = jax.jit(lambda p, x, m: encode_patches(model.config.vision, p, x, m))(model.params["vision"], pixels, meta)
+    ours = np.asarray(ours)[: len(inputs["pixel_values"]) // model.config.vision.merge_unit]
     with torch.no_grad():
         theirs = hf.model.get_image_features(torch.tensor(inputs["pixel_values"]),
                                              torch.tensor(inputs["image_grid_thw"])).pooler_output
@@ -270,6 +279,56 @@ def test_lora_gradients_match_peft(pair, tmp_path, flags):
     for name, g in ours.items():
         err = np.linalg.norm(g - theirs[name]) / max(np.linalg.norm(theirs[name]), 1e-12)
         assert err < 1e-4, (name, err)
+
+
+@pytest.mark.parametrize("remat, attn_impl", [("full", "causal"), ("save_dots", "flash"), ("offload", "xla")])
+def test_training_step_gives_the_same_gradients_with_each_remat_and_attention(pair, remat, attn_impl, monkeypatch):
+    """"causal" is the contract of cuDNN's kernel (causal, no mask) through XLA: exact for the
+    collator's right-padded rows, as the masked reference ("none", "xla") is."""
+    import jft.nn.attention
+
+    _, _, model = pair
+    masked = []
+    xla_attention = jft.nn.attention.xla_attention
+    monkeypatch.setattr(jft.nn.attention, "xla_attention", lambda *a, **k: masked.append(1) or xla_attention(*a, **k))
+    lora = _random_b(vtrain.init_lora(model, r=4, alpha=8, key=jax.random.key(3)))
+    batch = VisionCollator(model)([_colour_example("red", (250, 10, 10), (24, 32)),
+                                   {"messages": [{"role": "user", "content": "Say it."},
+                                                 {"role": "assistant", "content": "It is blue."}]}])
+    assert (batch["segment_ids"] == 0).any()  # a padded row
+    want_loss, want = vtrain.loss_and_grads(model.config, model.params, lora, batch, remat="none", attn_impl="xla")
+    assert masked
+    masked.clear()
+    loss, grads = vtrain.loss_and_grads(model.config, model.params, lora, batch, remat=remat, attn_impl=attn_impl)
+    assert bool(masked) == (attn_impl == "xla")  # the language layers took the implementation asked for
+    assert abs(float(loss) - float(want_loss)) < 1e-5
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-4)
+
+
+def test_fit_shows_progress_plots_the_loss_and_stops_on_divergence(pair, tmp_path, capsys, monkeypatch):
+    import optax
+
+    _, _, model = pair
+    collator = VisionCollator(model)
+    examples = [_colour_example("red", (250, 10, 10)), _colour_example("blue", (10, 10, 250))]
+    lora = vtrain.init_lora(model, r=2, key=jax.random.key(0))
+    chosen = []
+    make_step = vtrain.make_step
+    monkeypatch.setattr(vtrain, "make_step", lambda *a, **k: chosen.append(k) or make_step(*a, **k))
+    _, losses = vtrain.fit(model, lora, examples, collator, steps=3, batch_size=2, out_dir=str(tmp_path / "run"),
+                           remat="save_dots", attention="causal")
+    assert chosen == [{"remat": "save_dots", "attn_impl": "causal"}]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    shown = capsys.readouterr().err
+    assert "vision sft" in shown and "3/3" in shown and "loss=" in shown
+    assert os.path.getsize(tmp_path / "run" / "loss.png") > 0
+    with pytest.raises(ValueError, match="remat policy 'some'"):
+        vtrain.fit(model, lora, examples, collator, steps=1, remat="some")
+    with pytest.raises(ValueError, match="attention implementation 'fast'"):
+        vtrain.fit(model, lora, examples, collator, steps=1, attention="fast")
+    with pytest.raises(jft.train.TrainingDiverged, match="step 2"):
+        vtrain.fit(model, lora, examples, collator, steps=3, optimizer=optax.sgd(1e30), progress=False)
 
 
 def test_lora_flags_choose_targets(pair):

@@ -7,7 +7,10 @@ stride = kernel), blocks stacked on a leading axis and run under `lax.scan`, the
 
 Attention is masked by segment ids instead of HF's cu_seqlens splits: a patch attends to the patches
 of its own frame (full-attention layers) or of its own window (Qwen2.5's windowed layers). Masked
-attention is invariant to token order, so Qwen2.5's window permutation is not needed.
+attention is invariant to token order, so Qwen2.5's window permutation is not needed. It goes
+through `jft.kernels.attention` (all positions equal, so nothing is causal): on the GPU the flash
+kernel, whose memory grows with the patch count rather than its square and which visits only the key
+blocks that hold a query block's segment; elsewhere the masked reference.
 
 Params (linear weights [out, in], blocks stacked on axis 0):
     patch_embed [D, C*tp*p*p]
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.nn.attention import xla_attention
+from jft import kernels
 from jft.nn.layers import linear
 
 PAD_SEGMENT = -1  # padding patches (bucketed batches) form their own segment and are discarded
@@ -153,7 +156,7 @@ def _activation(name: str):
             "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[name]
 
 
-def _block(vc, x, p, lw, lora_scale, full, masks):
+def _block(vc, x, p, lw, lora_scale, full, rope_and_segments):
     n, d = x.shape
     heads, hd = vc.num_heads, vc.head_dim
 
@@ -163,10 +166,11 @@ def _block(vc, x, p, lw, lora_scale, full, masks):
 
     h = _norm(vc, x, p, "norm1")
     qkv = proj(h, "qkv").reshape(n, 3, heads, hd)
-    cos, sin, frame_mask, window_mask = masks
+    cos, sin, frame, window = rope_and_segments
     q, k, v = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin), qkv[:, 2]
-    mask = jnp.where(full, frame_mask, window_mask)
-    o = xla_attention(q[None], k[None], v[None], mask[None], scale=hd**-0.5)[0]
+    segments = jnp.where(full, frame, window)[None]
+    same_position = jnp.zeros_like(segments)
+    o = kernels.attention(q[None], k[None], v[None], same_position, same_position, segments, segments, scale=hd**-0.5)[0]
     x = x + proj(o.reshape(n, d), "proj")
     h = _norm(vc, x, p, "norm2")
     act = _activation(vc.activation)
@@ -199,12 +203,12 @@ def encode_patches(vc, params, patches, meta, *, lora=None, lora_scale: float = 
     x = linear(jnp.asarray(patches).astype(dtype), params["patch_embed"])
     cos, sin = axial_rope(vc, jnp.asarray(meta["hw"]))
     frame, window = jnp.asarray(meta["frame"]), jnp.asarray(meta["window"])
-    masks = (cos, sin, frame[:, None] == frame[None, :], window[:, None] == window[None, :])
+    rope_and_segments = (cos, sin, frame, window)
     full = jnp.asarray(vc.full_attention_layers)
 
     def body(x, xs):
         p, lw, f = xs
-        return _block(vc, x, p, lw, lora_scale, f, masks), None
+        return _block(vc, x, p, lw, lora_scale, f, rope_and_segments), None
 
     if remat:
         body = jax.checkpoint(body)

@@ -10,17 +10,20 @@ vision MLP: fc1, fc2 in Qwen2-VL, gate/up/down in Qwen2.5-VL).
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import optax
+from tqdm.auto import tqdm
 
 from jft import kernels
 from jft import lora as lora_lib
 from jft.memory import explain_out_of_memory, quantize_option
 from jft.nn.layers import dense
-from jft.nn.transformer import output_weight
+from jft.nn.transformer import REMAT_POLICIES, output_weight, resolve_attention
 from jft.nn.vision import mlp_targets
+from jft.train.sft import TrainingDiverged, plot_losses
 from jft.train.step import IGNORE, next_token_labels
 from jft.vlm.model import VISION_META, hidden_states
 
@@ -74,22 +77,22 @@ def token_losses(config, params, lora, batch, *, remat: str = "full", attn_impl:
     return loss.reshape(b, t), targets != IGNORE
 
 
-def loss_fn(lora, config, params, batch, remat: str = "full"):
+def loss_fn(lora, config, params, batch, remat: str = "full", attn_impl: str = "xla"):
     """Token-mean cross-entropy over the labelled tokens."""
-    losses, mask = token_losses(config, params, lora, batch, remat=remat)
+    losses, mask = token_losses(config, params, lora, batch, remat=remat, attn_impl=attn_impl)
     return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def loss_and_grads(config, params, lora, batch, remat: str = "full"):
+def loss_and_grads(config, params, lora, batch, remat: str = "full", attn_impl: str = "xla"):
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k in _BATCH_KEYS}
-    return jax.value_and_grad(loss_fn)(lora, config, params, batch, remat)
+    return jax.value_and_grad(loss_fn)(lora, config, params, batch, remat, attn_impl)
 
 
-def make_step(config, optimizer: optax.GradientTransformation, *, remat: str = "full"):
+def make_step(config, optimizer: optax.GradientTransformation, *, remat: str = "full", attn_impl: str = "xla"):
     """A jitted `(params, lora, opt_state, batch) -> (lora, opt_state, metrics)` for collator batches."""
 
     def step(params, lora, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(lora, config, params, batch, remat)
+        loss, grads = jax.value_and_grad(loss_fn)(lora, config, params, batch, remat, attn_impl)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -102,17 +105,28 @@ def make_step(config, optimizer: optax.GradientTransformation, *, remat: str = "
 
 
 def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, optimizer=None, seed: int = 0,
-        log_every: int = 0) -> tuple[lora_lib.LoRA, list[float]]:
-    """A small training loop: batches drawn in shuffled order (epochs repeat); returns (lora, losses)."""
+        log_every: int = 0, remat: str = "full", attention: str = "auto", progress: bool = True,
+        out_dir: str | None = None) -> tuple[lora_lib.LoRA, list[float]]:
+    """A small training loop: batches drawn in shuffled order (epochs repeat); returns (lora, losses).
+
+    remat: the language layers' policy (`jft.train.REMAT_POLICIES`; the vision layers recompute
+    unless it is "none"). attention: as `jft.train.SFT`'s ("auto": on GPU cuDNN for 16-bit models,
+    whose causal kernel serves the collator's right-padded unpacked rows exactly, jft's flash kernel
+    for float32; XLA elsewhere). out_dir: where loss.png goes at the end."""
     import numpy as np
 
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
+    attn_impl = resolve_attention(model.config.text, packed=False, attention=attention,
+                                  dtype=model.params["embed"].dtype)
     optimizer = optimizer or optax.adamw(2e-4)
     opt_state = optimizer.init(lora)
-    step = make_step(model.config, optimizer)
+    step = make_step(model.config, optimizer, remat=remat, attn_impl=attn_impl)
     encoded = [collator.encode(e) for e in examples]
     rng = np.random.default_rng(seed)
     order, losses = [], []
-    with explain_out_of_memory("the vision-language training step", _memory_advice(model, batch_size, collator)):
+    bar = tqdm(total=steps, desc="vision sft", disable=not progress, dynamic_ncols=True)
+    with explain_out_of_memory("the vision-language training step", _memory_advice(model, batch_size, collator)), bar:
         for i in range(steps):
             if len(order) < batch_size:
                 order += rng.permutation(len(encoded)).tolist()
@@ -120,8 +134,15 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
             batch = collator.collate_encoded([encoded[j] for j in picked])
             lora, opt_state, metrics = step(model.params, lora, opt_state, batch)
             losses.append(float(metrics["loss"]))
+            if not math.isfinite(losses[-1]):
+                raise TrainingDiverged(f"loss became {losses[-1]} at step {i + 1}. Lower the learning rate or check the data.")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1)
             if log_every and (i + 1) % log_every == 0:
-                print(f"step {i + 1}: loss {losses[-1]:.4f}")
+                tqdm.write(f"step {i + 1}: loss {losses[-1]:.4f}")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        plot_losses([{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)], os.path.join(out_dir, "loss.png"))
     return lora, losses
 
 
