@@ -122,8 +122,14 @@ def _write_cache_metadata(cache, positions, segments):
 _LAYER_INPUT = "layer_input"
 
 
+def checked_remat(policy: str) -> str:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
+    return policy
+
+
 def _remat(fn, policy: str):
-    if policy == "none":
+    if checked_remat(policy) == "none":
         return fn
     cp = jax.checkpoint_policies
     policies = {
@@ -132,8 +138,6 @@ def _remat(fn, policy: str):
                                                         offload_src="device", offload_dst="pinned_host"),
         "save_dots": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(QUANTIZED_DOT)),
     }
-    if policy not in policies:
-        raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
 
     def named_input(carry, xs):
         x, kv = carry

@@ -21,7 +21,7 @@ from jft import kernels
 from jft import lora as lora_lib
 from jft.memory import explain_out_of_memory, quantize_option
 from jft.nn.layers import dense
-from jft.nn.transformer import REMAT_POLICIES, output_weight, resolve_attention
+from jft.nn.transformer import checked_remat, output_weight, resolve_attention
 from jft.nn.vision import mlp_targets
 from jft.train.sft import TrainingDiverged, plot_losses
 from jft.train.step import IGNORE, next_token_labels
@@ -115,8 +115,7 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
     for float32; XLA elsewhere). out_dir: where loss.png goes at the end."""
     import numpy as np
 
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
+    checked_remat(remat)
     attn_impl = resolve_attention(model.config.text, packed=False, attention=attention,
                                   dtype=model.params["embed"].dtype)
     optimizer = optimizer or optax.adamw(2e-4)
