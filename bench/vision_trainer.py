@@ -1,11 +1,12 @@
 """The vision-language training step (`jft.vlm.train.make_step`, what `jft.vlm.train.fit` runs) on a
-Qwen2-VL-2B-shaped model with random weights, NF4 language layers and LoRA r=16 on every projection of
+Qwen2-VL-2B- or Qwen2.5-VL-3B-shaped model with random weights, NF4 language layers and LoRA r=16 on every projection of
 both towers, for each attention implementation of the language layers. Each batch is image+text
 chat examples (random images, a fixed size) made by the real collator. Prints tokens/s (tokens the
 language model reads, padding excluded; median over the timed steps), step time and peak device
 memory; each setting runs in its own process. On the GPU:
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/vision_trainer.py --kernels reference,auto --attention xla,cudnn
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/vision_trainer.py --model qwen2.5-vl-3b --attention cudnn
     python bench/vision_trainer.py --small        # tiny shapes, to check the script on CPU
 """
 
@@ -23,15 +24,27 @@ import time
 # bench/profile.py would shadow the standard library's `profile`, which torch imports
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-# Qwen2-VL-2B-Instruct's shapes (its config.json)
+# the shapes of Qwen2-VL-2B-Instruct and Qwen2.5-VL-3B-Instruct (their config.json)
 QWEN2_VL_2B = dict(
+    kind="qwen2_vl",
     text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
               num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
     vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2),
 )
+QWEN2_5_VL_3B = dict(
+    kind="qwen2_5_vl",
+    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+              num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, hidden_act="silu",
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+)
+MODELS = {"qwen2-vl-2b": QWEN2_VL_2B, "qwen2.5-vl-3b": QWEN2_5_VL_3B}
 SMALL = dict(
+    kind="qwen2_vl",
     text=dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
@@ -41,7 +54,7 @@ SMALL = dict(
 
 
 def make_model_dir(shapes: dict, path: str, image_pixels: int) -> None:
-    """A random Qwen2-VL checkpoint (bf16 safetensors, made by transformers) with a local tokenizer."""
+    """A random Qwen2-VL or Qwen2.5-VL checkpoint (bf16 safetensors, made by transformers) with a local tokenizer."""
     import torch
     import transformers
 
@@ -54,10 +67,14 @@ def make_model_dir(shapes: dict, path: str, image_pixels: int) -> None:
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
     text = dict(shapes["text"], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-    config = transformers.Qwen2VLConfig(text_config=text, vision_config=shapes["vision"], **ids)
+    config_class, model_class = {
+        "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+    }[shapes["kind"]]
+    config = config_class(text_config=text, vision_config=shapes["vision"], **ids)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = transformers.Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+        model = model_class(config).to(torch.bfloat16)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     patch = shapes["vision"]["patch_size"]
@@ -117,6 +134,7 @@ def run_one(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen2-vl-2b", help="the model's shapes (random weights)")
     p.add_argument("--attention", default="xla,cudnn", help="comma list of xla, cudnn, flash, auto")
     p.add_argument("--kernels", default="auto", help="comma list of reference, auto (the vision tower's attention: "
                                                     "the masked reference or, on GPU, the flash kernel)")
@@ -140,7 +158,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or tmp
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            make_model_dir(SMALL if args.small else QWEN2_VL_2B, model_dir, image_pixels=args.side * args.side)
+            make_model_dir(SMALL if args.small else MODELS[args.model], model_dir, image_pixels=args.side * args.side)
         print(f"{'kernels':>9} {'attention':>9} {'batch':>10} {'tokens':>7} {'patches':>8} {'step s':>7} {'tok/s':>8} "
               f"{'peak GiB':>9} {'loss':>7}")
         for kernels, attention in [(k, a) for k in args.kernels.split(",") for a in args.attention.split(",")]:

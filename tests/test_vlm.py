@@ -2,10 +2,12 @@
 image preprocessing, LoRA gradients, adapters and merged export, the collator, a short fine-tune."""
 
 import importlib
+import itertools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,25 @@ def _hf_logits(hf, model, ids, pixels, grids, mask=None):
 
 
 # --- parity ----------------------------------------------------------------------------------
+
+
+def test_window_order_makes_each_window_and_frame_one_run_of_whole_merge_blocks():
+    """The flash kernel visits a query block's key blocks from the first to the last holding its segment,
+    so Qwen2.5's windows must be contiguous to be cheap; the merger needs merge blocks whole."""
+    from jft.nn.vision import patch_metadata, window_order
+    from jft.vlm.config import VisionConfig
+
+    vc = VisionConfig(kind="qwen2_5_vl", depth=1, hidden_size=8, intermediate_size=8, num_heads=1, out_hidden_size=8,
+                      patch_size=4, window_size=16)  # windows of 2 x 2 merged tokens
+    meta = patch_metadata(vc, [[1, 10, 8], [2, 4, 12]], pad_to=400)
+    order, merged_order = (np.asarray(a) for a in window_order(vc, jnp.asarray(meta["window"])))
+    assert sorted(order.tolist()) == list(range(400))
+    assert (order.reshape(-1, 4) == order[::4, None] + np.arange(4)).all() and (order[::4] % 4 == 0).all()
+    assert (order[::4] // 4 == merged_order).all()
+    runs = lambda ids: [k for k, _ in itertools.groupby(ids)]
+    for name, count in (("window", 12 + 1), ("frame", 3 + 1)):  # 6 + 2 x 3 windows, 1 + 2 frames, then padding
+        assert len(runs(meta[name][order])) == len(set(meta[name].tolist())) == count, name
+    assert len(runs(meta["window"])) > 13  # in image order a window's rows interleave with its neighbours'
 
 
 @pytest.mark.parametrize("kernel_mode", ["auto", "pallas"])

@@ -6,11 +6,13 @@ stride = kernel), blocks stacked on a leading axis and run under `lax.scan`, the
 (norm, concatenate each m x m block, 2-layer GELU MLP) gives one feature per merged token.
 
 Attention is masked by segment ids instead of HF's cu_seqlens splits: a patch attends to the patches
-of its own frame (full-attention layers) or of its own window (Qwen2.5's windowed layers). Masked
-attention is invariant to token order, so Qwen2.5's window permutation is not needed. It goes
+of its own frame (full-attention layers) or of its own window (Qwen2.5's windowed layers). It goes
 through `jft.kernels.attention` (all positions equal, so nothing is causal): on the GPU the flash
 kernel, whose memory grows with the patch count rather than its square and which visits only the key
-blocks that hold a query block's segment; elsewhere the masked reference.
+blocks from the first to the last that hold a query block's segment; elsewhere the masked reference.
+Masked attention does not depend on token order, but that kernel's work does: Qwen2.5's blocks run
+over the patches sorted by window (merge blocks kept whole), where each window is contiguous, and
+the merged tokens are put back in image order.
 
 Params (linear weights [out, in], blocks stacked on axis 0):
     patch_embed [D, C*tp*p*p]
@@ -201,8 +203,11 @@ def encode_patches(vc, params, patches, meta, *, lora=None, lora_scale: float = 
     """
     dtype = dtype or params["blocks"]["qkv_bias"].dtype
     x = linear(jnp.asarray(patches).astype(dtype), params["patch_embed"])
-    cos, sin = axial_rope(vc, jnp.asarray(meta["hw"]))
-    frame, window = jnp.asarray(meta["frame"]), jnp.asarray(meta["window"])
+    hw, frame, window = (jnp.asarray(meta[name]) for name in ("hw", "frame", "window"))
+    if vc.windowed:
+        order, merged_order = window_order(vc, window)
+        x, hw, frame, window = (a[order] for a in (x, hw, frame, window))
+    cos, sin = axial_rope(vc, hw)
     rope_and_segments = (cos, sin, frame, window)
     full = jnp.asarray(vc.full_attention_layers)
 
@@ -213,7 +218,17 @@ def encode_patches(vc, params, patches, meta, *, lora=None, lora_scale: float = 
     if remat:
         body = jax.checkpoint(body)
     x, _ = jax.lax.scan(body, x, (params["blocks"], lora, full))
-    return merge_patches(vc, params, x)
+    merged = merge_patches(vc, params, x)
+    return merged[jnp.argsort(merged_order)] if vc.windowed else merged
+
+
+def window_order(vc, window):
+    """The patches' order sorted by window, each merge block kept whole (its patches share a window),
+    and the merged tokens' order that results (indices into image order). Windows are numbered frame
+    by frame, so frames stay contiguous too."""
+    mu = vc.merge_unit
+    merged_order = jnp.argsort(window[::mu], stable=True)
+    return (merged_order[:, None] * mu + jnp.arange(mu)).reshape(-1), merged_order
 
 
 def init_vision_params(vc, key, dtype=jnp.float32, std: float = 0.02) -> dict:
@@ -231,4 +246,4 @@ def init_vision_params(vc, key, dtype=jnp.float32, std: float = 0.02) -> dict:
 
 
 __all__ = ["axial_rope", "encode_patches", "init_vision_params", "merge_patches", "mlp_targets", "num_patches",
-           "patch_metadata", "vision_param_shapes"]
+           "patch_metadata", "vision_param_shapes", "window_order"]
