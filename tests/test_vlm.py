@@ -1,6 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL against transformers (+ PEFT): vision features, logits, greedy generation,
 image preprocessing, LoRA gradients, adapters and merged export, the collator, a short fine-tune."""
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -350,6 +351,35 @@ def test_fit_shows_progress_plots_the_loss_and_stops_on_divergence(pair, tmp_pat
         vtrain.fit(model, lora, examples, collator, steps=1, attention="fast")
     with pytest.raises(jft.train.TrainingDiverged, match="step 2"):
         vtrain.fit(model, lora, examples, collator, steps=3, optimizer=optax.sgd(1e30), progress=False)
+
+
+def test_fit_with_the_embedding_in_host_memory_trains_the_same(pair, monkeypatch):
+    _, _, model = pair
+    collator = VisionCollator(model)
+    examples = [_colour_example("red", (250, 10, 10)), _colour_example("blue", (10, 10, 250))]
+    steps_seen = []
+    make_step = vtrain.make_step
+
+    def spying_make_step(*a, **k):
+        step = make_step(*a, **k)
+        return lambda params, lora, opt_state, batch: steps_seen.append((set(params), set(batch))) or step(
+            params, lora, opt_state, batch)
+
+    monkeypatch.setattr(vtrain, "make_step", spying_make_step)
+    run = lambda m, **kw: vtrain.fit(m, vtrain.init_lora(m, r=2, key=jax.random.key(0)), examples, collator, steps=2,
+                                     batch_size=2, progress=False, **kw)
+    _, want = run(model)
+    offloaded = dataclasses.replace(model, params=dict(model.params))  # the fixture's model keeps its table
+    _, got = run(offloaded, offload_embedding=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert all("embed" in params and "inputs_embeds" not in batch for params, batch in steps_seen[:2])
+    assert all("embed" not in params and "inputs_embeds" in batch for params, batch in steps_seen[2:])
+    assert isinstance(offloaded.params["embed"], np.ndarray)
+    tied = dataclasses.replace(model, params=dict(model.params),
+                               config=dataclasses.replace(model.config, text=dataclasses.replace(model.config.text,
+                                                                                               tie_embeddings=True)))
+    with pytest.raises(ValueError, match="untied lm_head"):
+        run(tied, offload_embedding=True)
 
 
 def test_lora_flags_choose_targets(pair):

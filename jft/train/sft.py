@@ -314,8 +314,9 @@ def offload_embedding_table(model, lora) -> np.ndarray:
     """Moves the frozen token embedding to host memory: model.params["embed"] becomes a numpy array
     (the device copy is released once nothing else holds it) and is returned. Each batch's rows are
     then looked up on the host and sent with the batch, which saves vocab x hidden values of device
-    memory (1 GiB on Llama-3-8B). Functions given these params still work: jit copies the table in."""
-    if model.config.tie_embeddings:
+    memory (1 GiB on Llama-3-8B). Functions given these params still work: jit copies the table in.
+    A vision-language model's language half is checked."""
+    if getattr(model.config, "text", model.config).tie_embeddings:
         raise ValueError("offload_embedding needs an untied lm_head: this model's output projection is its token "
                          "embedding, which the loss reads on the device")
     if "embed" in lora.weights:

@@ -127,21 +127,25 @@ def scatter_features(embeds, input_ids, features, image_token_id: int):
     return flat.reshape(embeds.shape)
 
 
-def image_features(config: VLMConfig, params, batch, lora=None, remat: bool = False):
-    """Merged image features [N / m^2, D] of the batch's pixel patches."""
+def image_features(config: VLMConfig, params, batch, lora=None, remat: bool = False, dtype=None):
+    """Merged image features [N / m^2, D] of the batch's pixel patches (in dtype, default the embedding's)."""
     vision_lora = None if lora is None else lora.weights.get("vision")
     scale = 1.0 if lora is None else lora.config.scaling()
     meta = {k: batch[k] for k in VISION_META}
     return vision.encode_patches(config.vision, params["vision"], batch["pixel_values"], meta, lora=vision_lora,
-                                 lora_scale=scale, dtype=params["embed"].dtype, remat=remat)
+                                 lora_scale=scale, dtype=dtype or params["embed"].dtype, remat=remat)
 
 
 def input_embeddings(config: VLMConfig, params, batch, lora=None, remat: bool = False):
-    weights = {} if lora is None else lora.weights
-    embeds = embed_tokens(config.text, weights.get("embed", params["embed"]), batch["input_ids"], params["embed"].dtype)
+    """Token embeddings with the image features at the image tokens. The token embeddings are
+    batch["inputs_embeds"] when the batch has them (looked up on the host: the table is not in params)."""
+    embeds = batch.get("inputs_embeds")
+    if embeds is None:
+        weights = {} if lora is None else lora.weights
+        embeds = embed_tokens(config.text, weights.get("embed", params["embed"]), batch["input_ids"], params["embed"].dtype)
     if batch.get("pixel_values") is None:
         return embeds
-    feats = image_features(config, params, batch, lora, remat)
+    feats = image_features(config, params, batch, lora, remat, dtype=embeds.dtype)
     return scatter_features(embeds, batch["input_ids"], feats, config.image_token_id)
 
 

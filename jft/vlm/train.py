@@ -19,18 +19,19 @@ from tqdm.auto import tqdm
 
 from jft import kernels
 from jft import lora as lora_lib
-from jft.memory import explain_out_of_memory, quantize_option
-from jft.nn.layers import dense
+from jft.memory import explain_out_of_memory, offload_embedding_option, quantize_option
+from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import checked_remat, output_weight, resolve_attention
 from jft.nn.vision import mlp_targets
-from jft.train.sft import TrainingDiverged, plot_losses
+from jft.train.sft import TrainingDiverged, offload_embedding_table, plot_losses
 from jft.train.step import IGNORE, next_token_labels
 from jft.vlm.model import VISION_META, hidden_states
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
 VISION_ATTENTION_TARGETS = ("qkv", "proj")
-_BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "rope_positions", "pixel_values", *VISION_META)
+_BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "rope_positions", "pixel_values", "inputs_embeds",
+               *VISION_META)
 
 
 def targets_for(config, *, finetune_vision_layers: bool, finetune_language_layers: bool, finetune_attention_modules: bool,
@@ -106,18 +107,21 @@ def make_step(config, optimizer: optax.GradientTransformation, *, remat: str = "
 
 def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, optimizer=None, seed: int = 0,
         log_every: int = 0, remat: str = "full", attention: str = "auto", progress: bool = True,
-        out_dir: str | None = None) -> tuple[lora_lib.LoRA, list[float]]:
+        out_dir: str | None = None, offload_embedding: bool = False) -> tuple[lora_lib.LoRA, list[float]]:
     """A small training loop: batches drawn in shuffled order (epochs repeat); returns (lora, losses).
 
     remat: the language layers' policy (`jft.train.REMAT_POLICIES`; the vision layers recompute
     unless it is "none"). attention: as `jft.train.SFT`'s ("auto": on GPU cuDNN for 16-bit models,
     whose causal kernel serves the collator's right-padded unpacked rows exactly, jft's flash kernel
-    for float32; XLA elsewhere). out_dir: where loss.png goes at the end."""
+    for float32; XLA elsewhere). out_dir: where loss.png goes at the end. offload_embedding: as
+    `jft.train.SFT`'s (the frozen token embedding stays in host memory; needs an untied lm_head)."""
     import numpy as np
 
     checked_remat(remat)
     attn_impl = resolve_attention(model.config.text, packed=False, attention=attention,
                                   dtype=model.params["embed"].dtype)
+    table = offload_embedding_table(model, lora) if offload_embedding else None
+    params = model.params if table is None else {k: v for k, v in model.params.items() if k != "embed"}
     optimizer = optimizer or optax.adamw(2e-4)
     opt_state = optimizer.init(lora)
     step = make_step(model.config, optimizer, remat=remat, attn_impl=attn_impl)
@@ -125,13 +129,16 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
     rng = np.random.default_rng(seed)
     order, losses = [], []
     bar = tqdm(total=steps, desc="vision sft", disable=not progress, dynamic_ncols=True)
-    with explain_out_of_memory("the vision-language training step", _memory_advice(model, batch_size, collator)), bar:
+    advice = _memory_advice(model, batch_size, collator, offloaded=table is not None)
+    with explain_out_of_memory("the vision-language training step", advice), bar:
         for i in range(steps):
             if len(order) < batch_size:
                 order += rng.permutation(len(encoded)).tolist()
             picked, order = order[:batch_size], order[batch_size:]
             batch = collator.collate_encoded([encoded[j] for j in picked])
-            lora, opt_state, metrics = step(model.params, lora, opt_state, batch)
+            if table is not None:
+                batch["inputs_embeds"] = embed_tokens_on_host(model.config.text, table, batch["input_ids"])
+            lora, opt_state, metrics = step(params, lora, opt_state, batch)
             losses.append(float(metrics["loss"]))
             if not math.isfinite(losses[-1]):
                 raise TrainingDiverged(f"loss became {losses[-1]} at step {i + 1}. Lower the learning rate or check the data.")
@@ -145,9 +152,10 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
     return lora, losses
 
 
-def _memory_advice(model, batch_size: int, collator) -> str:
+def _memory_advice(model, batch_size: int, collator, offloaded: bool) -> str:
     options = [f"a smaller batch_size (now {batch_size})",
                f"VisionCollator(max_seq_length=...) to cut long examples (now {collator.max_seq_length})",
                f"smaller images (the processor's max_pixels, now {collator.processor.max_pixels})",
                "init_lora(..., finetune_vision_layers=False)"]
-    return "; ".join(options + quantize_option(model.params, "jft.vlm.load"))
+    return "; ".join(options + offload_embedding_option(model.config.text, offloaded)
+                     + quantize_option(model.params, "jft.vlm.load"))
