@@ -1,6 +1,6 @@
 """The vision-language training step (`jft.vlm.train.make_step`, what `jft.vlm.train.fit` runs) on a
-Qwen2-VL-2B- or Qwen2.5-VL-3B-shaped model with random weights, NF4 language layers and LoRA r=16 on every projection of
-both towers, for each attention implementation of the language layers. Each batch is image+text
+Qwen2-VL-2B- or Qwen2.5-VL-3B-shaped model with random weights, NF4 language layers and LoRA r=16 on
+every projection of both towers, for each attention implementation of the language layers. Each batch is image+text
 chat examples (random images, a fixed size) made by the real collator. Prints tokens/s (tokens the
 language model reads, padding excluded; median over the timed steps), step time and peak device
 memory; each setting runs in its own process. On the GPU:
