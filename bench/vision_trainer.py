@@ -1,12 +1,14 @@
 """The vision-language training step (`jft.vlm.train.make_step`, what `jft.vlm.train.fit` runs) on a
-Qwen2-VL-2B- or Qwen2.5-VL-3B-shaped model with random weights, NF4 language layers and LoRA r=16 on
-every projection of both towers, for each attention implementation of the language layers. Each batch is image+text
-chat examples (random images, a fixed size) made by the real collator. Prints tokens/s (tokens the
-language model reads, padding excluded; median over the timed steps), step time and peak device
-memory; each setting runs in its own process. On the GPU:
+Qwen2-VL-2B-, Qwen2.5-VL-3B- or Qwen2.5-VL-7B-shaped model with random weights, NF4 language layers
+and LoRA r=16 on every projection of both towers, for each attention implementation of the language
+layers and each place of the token embedding (device, or host memory as `fit(offload_embedding=True)`
+keeps it). Each batch is image+text chat examples (random images, a fixed size) made by the real
+collator. Prints tokens/s (tokens the language model reads, padding excluded; median over the timed
+steps), step time and peak device memory; each setting runs in its own process. On the GPU:
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/vision_trainer.py --kernels reference,auto --attention xla,cudnn
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/vision_trainer.py --model qwen2.5-vl-3b --attention cudnn
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/vision_trainer.py --model qwen2.5-vl-7b --attention cudnn --embedding host,device
     python bench/vision_trainer.py --small        # tiny shapes, to check the script on CPU
 """
 
@@ -42,11 +44,18 @@ QWEN2_5_VL_3B = dict(
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                 fullatt_block_indexes=[7, 15, 23, 31]),
 )
-MODELS = {"qwen2-vl-2b": QWEN2_VL_2B, "qwen2.5-vl-3b": QWEN2_5_VL_3B}
+QWEN2_5_VL_7B = dict(
+    kind="qwen2_5_vl",
+    text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+    vision=dict(QWEN2_5_VL_3B["vision"], out_hidden_size=3584),
+)
+MODELS = {"qwen2-vl-2b": QWEN2_VL_2B, "qwen2.5-vl-3b": QWEN2_5_VL_3B, "qwen2.5-vl-7b": QWEN2_5_VL_7B}
 SMALL = dict(
     kind="qwen2_vl",
     text=dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
     vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                 temporal_patch_size=2),
@@ -101,7 +110,9 @@ def run_one(args) -> dict:
     import optax
 
     import jft.vlm as vlm
+    from jft.nn.layers import embed_tokens_on_host
     from jft.nn.transformer import resolve_attention
+    from jft.train.sft import offload_embedding_table
     from jft.vlm import train as vtrain
     from jft.vlm.collator import VisionCollator
 
@@ -118,16 +129,22 @@ def run_one(args) -> dict:
     step = vtrain.make_step(model.config, optimizer, remat=args.remat, attn_impl=attn_impl)
     batch = collator(examples(args.batch, args.side, args.answer_words))
     tokens = int((batch["segment_ids"] > 0).sum())
-    times = []
+    params, with_rows = model.params, lambda batch: batch
+    if args.embedding == "host":  # as fit(offload_embedding=True): each step's rows looked up on the host
+        table = offload_embedding_table(model, lora)
+        params = {k: v for k, v in model.params.items() if k != "embed"}
+        with_rows = lambda batch: dict(batch, inputs_embeds=embed_tokens_on_host(model.config.text, table, batch["input_ids"]))
+    times, pending = [], with_rows(batch)
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        lora, opt_state, metrics = step(model.params, lora, opt_state, batch)
+        lora, opt_state, metrics = step(params, lora, opt_state, pending)
+        pending = with_rows(batch)  # the next step's, while this one runs (as fit does)
         loss = float(metrics["loss"])  # waits for the step
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
     seconds = statistics.median(times)
-    return {"attention": attn_impl, "kernels": args.kernels, "batch": list(batch["input_ids"].shape), "tokens": tokens,
+    return {"attention": attn_impl, "kernels": args.kernels, "embedding": args.embedding, "batch": list(batch["input_ids"].shape), "tokens": tokens,
             "patches": int(np.sum(batch["frame"] >= 0)), "loss": loss, "step_s": seconds, "tokens_per_s": tokens / seconds,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
 
@@ -139,6 +156,8 @@ def main(argv=None):
     p.add_argument("--kernels", default="auto", help="comma list of reference, auto (the vision tower's attention: "
                                                     "the masked reference or, on GPU, the flash kernel)")
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--embedding", default="device", help="comma list of device, host (host: offload_embedding=True, "
+                                                         "for untied models)")
     p.add_argument("--remat", default="full")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--side", type=int, default=896, help="image side in pixels (896: 1,024 image tokens)")
@@ -159,19 +178,20 @@ def main(argv=None):
         model_dir = args.model_dir or tmp
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             make_model_dir(SMALL if args.small else MODELS[args.model], model_dir, image_pixels=args.side * args.side)
-        print(f"{'kernels':>9} {'attention':>9} {'batch':>10} {'tokens':>7} {'patches':>8} {'step s':>7} {'tok/s':>8} "
+        print(f"{'kernels':>9} {'attention':>9} {'embed':>6} {'batch':>10} {'tokens':>7} {'patches':>8} {'step s':>7} {'tok/s':>8} "
               f"{'peak GiB':>9} {'loss':>7}")
-        for kernels, attention in [(k, a) for k in args.kernels.split(",") for a in args.attention.split(",")]:
+        for kernels, attention, embedding in [(k, a, e) for k in args.kernels.split(",") for a in args.attention.split(",")
+                                              for e in args.embedding.split(",")]:
             cmd = [sys.executable, __file__, "--one", "--model-dir", model_dir, "--attention", attention, "--kernels",
-                   kernels, "--quant", args.quant, "--remat", args.remat, "--batch", str(args.batch), "--side", str(args.side),
+                   kernels, "--embedding", embedding, "--quant", args.quant, "--remat", args.remat, "--batch", str(args.batch), "--side", str(args.side),
                    "--answer-words", str(args.answer_words), "--max-seq-length", str(args.max_seq_length), "--steps",
                    str(args.steps), "--warmup", str(args.warmup)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{kernels:>9} {attention:>9} failed: {' | '.join(done.stderr.strip().splitlines()[-3:])[:300]}")
+                print(f"{kernels:>9} {attention:>9} {embedding:>6} failed: {' | '.join(done.stderr.strip().splitlines()[-3:])[:300]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{kernels:>9} {r['attention']:>9} {'x'.join(map(str, r['batch'])):>10} {r['tokens']:>7} {r['patches']:>8} "
+            print(f"{kernels:>9} {r['attention']:>9} {embedding:>6} {'x'.join(map(str, r['batch'])):>10} {r['tokens']:>7} {r['patches']:>8} "
                   f"{r['step_s']:>7.3f} {r['tokens_per_s']:>8.0f} {r['peak_gib']:>9.2f} {r['loss']:>7.3f}", flush=True)
 
 

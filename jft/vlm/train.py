@@ -127,18 +127,27 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
     step = make_step(model.config, optimizer, remat=remat, attn_impl=attn_impl)
     encoded = [collator.encode(e) for e in examples]
     rng = np.random.default_rng(seed)
-    order, losses = [], []
-    bar = tqdm(total=steps, desc="vision sft", disable=not progress, dynamic_ncols=True)
-    advice = _memory_advice(model, batch_size, collator, offloaded=table is not None)
-    with explain_out_of_memory("the vision-language training step", advice), bar:
-        for i in range(steps):
+
+    def batches():  # shuffled order, epochs repeating
+        order = []
+        while True:
             if len(order) < batch_size:
                 order += rng.permutation(len(encoded)).tolist()
             picked, order = order[:batch_size], order[batch_size:]
             batch = collator.collate_encoded([encoded[j] for j in picked])
             if table is not None:
                 batch["inputs_embeds"] = embed_tokens_on_host(model.config.text, table, batch["input_ids"])
+            yield batch
+
+    losses, stream = [], batches()
+    batch = next(stream)
+    bar = tqdm(total=steps, desc="vision sft", disable=not progress, dynamic_ncols=True)
+    advice = _memory_advice(model, batch_size, collator, offloaded=table is not None)
+    with explain_out_of_memory("the vision-language training step", advice), bar:
+        for i in range(steps):
             lora, opt_state, metrics = step(params, lora, opt_state, batch)
+            if i + 1 < steps:
+                batch = next(stream)  # made on the host while the device runs this step
             losses.append(float(metrics["loss"]))
             if not math.isfinite(losses[-1]):
                 raise TrainingDiverged(f"loss became {losses[-1]} at step {i + 1}. Lower the learning rate or check the data.")
