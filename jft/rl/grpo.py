@@ -41,7 +41,7 @@ from jft.rl.losses import LOSS_TYPES, group_advantages, policy_loss
 from jft.rl.rewards import compute_rewards, reward_name
 from jft.train.checkpoint import start_run
 from jft.train.optim import adamw, schedule
-from jft.train.sft import TrainingDiverged, offload_embedding_table, plot_curves, plot_losses
+from jft.train.sft import TrainingDiverged, offload_embedding_table, plot_curves, plot_losses, without_embedding
 
 IGNORE = -100
 
@@ -372,7 +372,7 @@ class GRPO:
         step_fn = sharding.scoped(self.mesh, make_grpo_step(self.model.config, optimizer, cfg, attn_impl=attn_impl))
         params = self.model.params  # what the step reads: without the embedding when it lives on the host
         if self.embed_table is not None:
-            params = {k: v for k, v in params.items() if k != "embed"}
+            params = without_embedding(params)
         logprob_fn = sharding.scoped(self.mesh, jax.jit(completion_logprobs,
                                                         static_argnames=("config", "temperature", "remat", "attn_impl")))
 

@@ -142,7 +142,7 @@ class SFT:
     def _device_params(self) -> dict:
         """The params the step reads: without the embedding when it lives on the host."""
         params = self.model.params
-        return params if self.embed_table is None else {k: v for k, v in params.items() if k != "embed"}
+        return params if self.embed_table is None else without_embedding(params)
 
     def _device_batch(self, batch: dict) -> dict:
         if self.embed_table is not None:
@@ -325,6 +325,11 @@ def offload_embedding_table(model, lora) -> np.ndarray:
     table = np.asarray(jax.device_get(dense(embed, embed.dtype)))
     model.params["embed"] = table
     return table
+
+
+def without_embedding(params: dict) -> dict:
+    """The params a step reads when the token embedding lives on the host (`offload_embedding_table`)."""
+    return {k: v for k, v in params.items() if k != "embed"}
 
 
 def plot_curves(series: dict[str, list[tuple[int, float]]], ylabel: str, path: str) -> None:

@@ -23,7 +23,7 @@ from jft.memory import explain_out_of_memory, offload_embedding_option, quantize
 from jft.nn.layers import dense, embed_tokens_on_host
 from jft.nn.transformer import checked_remat, output_weight, resolve_attention
 from jft.nn.vision import mlp_targets
-from jft.train.sft import TrainingDiverged, offload_embedding_table, plot_losses
+from jft.train.sft import TrainingDiverged, offload_embedding_table, plot_losses, without_embedding
 from jft.train.step import IGNORE, next_token_labels
 from jft.vlm.model import VISION_META, hidden_states
 
@@ -121,7 +121,7 @@ def fit(model, lora, examples, collator, *, steps: int, batch_size: int = 2, opt
     attn_impl = resolve_attention(model.config.text, packed=False, attention=attention,
                                   dtype=model.params["embed"].dtype)
     table = offload_embedding_table(model, lora) if offload_embedding else None
-    params = model.params if table is None else {k: v for k, v in model.params.items() if k != "embed"}
+    params = model.params if table is None else without_embedding(model.params)
     optimizer = optimizer or optax.adamw(2e-4)
     opt_state = optimizer.init(lora)
     step = make_step(model.config, optimizer, remat=remat, attn_impl=attn_impl)
