@@ -39,6 +39,7 @@ from jft.kernels.rmsnorm import (  # noqa: E402
 )
 from jft.kernels.nf4 import dequantize_pallas as nf4_dequantize_pallas  # noqa: E402
 from jft.kernels.nf4 import dequantize_reference as nf4_dequantize_reference  # noqa: E402
+from jft.kernels.nf4 import nf4_matmul_pallas, nf4_matmul_reference  # noqa: E402
 from jft.kernels.rope import rope_pallas, rope_reference  # noqa: E402
 from jft.quant import quantize_nf4  # noqa: E402
 from train import packed_layout  # noqa: E402
@@ -178,6 +179,19 @@ def cases(model: Model, tokens: int) -> list[Case]:
         "xla": lambda q: nf4_dequantize_reference(q, jnp.bfloat16),
         "pallas": lambda q: nf4_dequantize_pallas(q, jnp.bfloat16),
     }, (gate,), "GB/s", nf4_bytes, None))
+    # decoding: a stack of gate weights (more bytes than L2 holds) read one layer after another
+    layers = 2 if model.name.startswith("tiny") else 8
+    stack = quantize_nf4(_normal(k[5], (layers, f, d)))
+
+    def over_layers(matmul):
+        return lambda x, q: sum(matmul(x, q, layer).astype(jnp.float32) for layer in range(layers))
+
+    for decoding in (1, 2):
+        out.append(Case(f"nf4 matmul, {decoding} token{'s' * (decoding > 1)}, {layers} layers", {
+            "xla": over_layers(nf4_matmul_reference),
+            "pallas dequantize + matmul": over_layers(lambda x, q, i: x @ nf4_dequantize_pallas(q, x.dtype, layer=i).T),
+            "pallas fused": over_layers(lambda x, q, i: nf4_matmul_pallas(x, q, layer=i)),
+        }, (_normal(k[6], (decoding, d)), stack), "GB/s", stack.nbytes, None))
 
     v = model.vocab
     head = _normal(k[7], (v, d)) * 0.02

@@ -22,9 +22,14 @@ from jft.quant.nf4 import NF4, NF4_CODES, NF4Layer, block_absmax, dequantize_nf4
 IMPLS = ("reference", "pallas")
 _TILE_ELEMENTS = 8192  # elements a dequantize program writes
 _DEQUANT_NUM_WARPS = None  # Triton's default unless set
-_MATMUL_ROWS = 64  # weight rows (output features) per matmul program
-_MATMUL_MAX_SUBBLOCKS = 8  # quantization blocks per matmul program along the input dimension
-_MIN_DOT = 16  # Triton's smallest dot operand dimension
+# The fused matmul multiplies on the CUDA cores: on the H200 it beats dequantize + cuBLAS at one and
+# two tokens, not at four (docs/benchmarks.md); Triton dots over weights decoded in the kernel were
+# slower than dequantize + cuBLAS at every token count.
+MATMUL_MAX_TOKENS = 2
+_MATMUL_ROWS = 32  # the most weight rows (output features) per matmul program
+_MATMUL_UNROLL = 4  # quantization blocks per step of a matmul program's loop
+_MATMUL_K_SPLIT = 4  # the most matmul programs along the input dimension
+_MATMUL_NUM_WARPS = 4
 
 
 def _is_pow2(n: int) -> bool:
@@ -156,27 +161,42 @@ def dequantize(q: NF4, dtype=None, impl: str | None = None, interpret: bool | No
 # -------------------------------------------------------------------------- fused dequant-matmul
 
 
-def nf4_matmul_reference(x: jax.Array, q: NF4) -> jax.Array:
-    """x [..., in] @ W.T with W = q dequantized to x.dtype; float32 accumulation, result in x.dtype."""
-    w = dequantize_nf4(q, x.dtype)
+def nf4_matmul_reference(x: jax.Array, q: NF4, layer=None) -> jax.Array:
+    """x [..., in] @ W.T with W = q (with `layer`: that matrix of a stacked q) dequantized to x.dtype;
+    float32 accumulation, result in x.dtype."""
+    w = dequantize_reference(q, x.dtype, layer)
     return jnp.matmul(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _matmul_kernel(table_ref, xt_even_ref, xt_odd_ref, packed_ref, absmax_ref, out_ref, *, half, subblocks):
-    """One program: rows [TN] of W times x.T over `subblocks` quantization blocks of the input
-    dimension, giving [TN, M]. x.T is split into its even and odd input features so the two nibbles
-    of a byte meet their inputs without interleaving W."""
-    compute_dtype = xt_even_ref.dtype
-    acc = jnp.zeros((packed_ref.shape[0], xt_even_ref.shape[1]), jnp.float32)
-    for s in range(subblocks):
-        cols = pl.ds(s * half, half)
-        byte = packed_ref[:, cols].astype(jnp.int32)
-        scale = absmax_ref[:, pl.ds(s, 1)]
-        w_first = (_decode(table_ref, byte >> 4) * scale).astype(compute_dtype)
-        w_second = (_decode(table_ref, byte & 0xF) * scale).astype(compute_dtype)
-        acc += jnp.dot(w_first, xt_even_ref[cols, :], preferred_element_type=jnp.float32)
-        acc += jnp.dot(w_second, xt_odd_ref[cols, :], preferred_element_type=jnp.float32)
-    out_ref[...] = acc
+def _matmul_kernel(table_ref, first_ref, xt_ref, packed_ref, absmax_ref, out_ref, *, half, unroll, steps, blocks_per_row):
+    """One program: weight rows [rows] (read in place at first_ref[0] + program * rows of the stack)
+    times each token's x over `steps * unroll` quantization blocks of the input dimension, as
+    multiply-adds on the CUDA cores (a few tokens leave the tensor cores nothing to do). xt_ref holds
+    each token's even and odd input features as two rows, so the two nibbles of a byte meet their
+    inputs without interleaving W."""
+    tokens, rows = out_ref.shape
+    weight_rows = pl.ds(first_ref[0] + pl.program_id(0) * rows, rows)
+    tile = (rows, unroll * half)
+    row = pl.program_id(0) * rows + jax.lax.broadcasted_iota(jnp.int32, tile, 0)
+    block_of_col = jax.lax.broadcasted_iota(jnp.int32, tile, 1) // half
+    first_block = pl.program_id(1) * steps * unroll
+
+    def step(s, acc):
+        block = first_block + s * unroll
+        cols = pl.ds(block * half, unroll * half)
+        byte = packed_ref[weight_rows, cols].astype(jnp.int32)
+        scale = absmax_ref[row * blocks_per_row + block + block_of_col]
+        w_first = (_decode(table_ref, byte >> 4) * scale).astype(xt_ref.dtype).astype(jnp.float32)
+        w_second = (_decode(table_ref, byte & 0xF) * scale).astype(xt_ref.dtype).astype(jnp.float32)
+        return tuple(
+            acc[t] + jnp.sum(w_first * xt_ref[2 * t, cols].astype(jnp.float32)[None, :]
+                             + w_second * xt_ref[2 * t + 1, cols].astype(jnp.float32)[None, :], axis=1)
+            for t in range(tokens)
+        )
+
+    acc = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros((rows,), jnp.float32) for _ in range(tokens)))
+    for t in range(tokens):
+        out_ref[t, :] = acc[t]
 
 
 def _largest_pow2_divisor(n: int, limit: int) -> int:
@@ -186,68 +206,82 @@ def _largest_pow2_divisor(n: int, limit: int) -> int:
     return d
 
 
-def pallas_matmul_supported(q: NF4) -> bool:
-    """The fused kernel needs an unstacked leaf whose rows are whole blocks of a power-of-two size
-    of at least 32 (half a block is a Triton dot operand)."""
+def _matmul_tiles(q: NF4) -> tuple[int, int, int]:
+    """(weight rows per program, blocks per loop step, programs along the input dimension)."""
+    blocks_per_row = q.cols // q.blocksize
+    unroll = _largest_pow2_divisor(blocks_per_row, _MATMUL_UNROLL)
+    k_split = _largest_pow2_divisor(blocks_per_row // unroll, _MATMUL_K_SPLIT)
+    return _largest_pow2_divisor(q.rows, _MATMUL_ROWS), unroll, k_split
+
+
+def pallas_matmul_supported(tokens: int, q: NF4) -> bool:
+    """The fused kernel takes at most MATMUL_MAX_TOKENS tokens and a weight whose rows are whole
+    blocks of a power-of-two size, with a row count divisible by 8."""
     return (
-        not q.batch_shape
+        tokens <= MATMUL_MAX_TOKENS
         and _is_pow2(q.blocksize)
-        and q.blocksize // 2 >= _MIN_DOT
         and q.cols % q.blocksize == 0
+        and _matmul_tiles(q)[0] >= 8
     )
 
 
-def nf4_matmul_pallas(x: jax.Array, q: NF4, interpret: bool | None = None) -> jax.Array:
-    """Fused dequant-matmul for few tokens (decoding): x [..., in] @ W.T without materialising W.
-
-    Split-K: program (j, k) multiplies weight rows j*TN.. by input blocks k*TK.., and the partial
-    products [out, n_k * M] are summed afterwards (cheap while M is small)."""
-    if not pallas_matmul_supported(q):
-        raise ValueError(f"nf4_matmul_pallas does not support {q!r}; use nf4_matmul_reference")
+def nf4_matmul_pallas(x: jax.Array, q: NF4, interpret: bool | None = None, layer=None) -> jax.Array:
+    """Fused dequant-matmul for decoding one to a few tokens: x [..., in] @ W.T without materialising
+    W, reading 0.5 bytes per weight. With `layer` (an int, may be traced) W is that matrix of a
+    stacked q, read in place. Weights are rounded to x.dtype as the dequantize would, products
+    summed in float32. Split-K: program (j, k) takes weight rows j*rows.. over its share of the input
+    blocks, and the partial sums [tokens, k_split * out] are added afterwards."""
+    if len(q.batch_shape) != (layer is not None):
+        raise ValueError(f"nf4_matmul_pallas: give `layer` for a stack [L, out, in] (and only then); got {q!r}")
+    if not pallas_matmul_supported(x.size // x.shape[-1], q):
+        raise ValueError(f"nf4_matmul_pallas does not support x {x.shape} with {q!r}; use nf4_matmul_reference")
     interpret = registry.interpret() if interpret is None else interpret
     *lead, features = x.shape
     if features != q.cols:
         raise ValueError(f"x has {features} input features, the weight {q.shape} expects {q.cols}")
-    tokens = math.prod(lead)
+    tokens = x.size // features
     x2d = x.reshape(tokens, features)
-    padded_tokens = max(_MIN_DOT, registry.next_pow2(tokens))
-    x2d = jnp.pad(x2d, ((0, padded_tokens - tokens), (0, 0)))
-    xt_even, xt_odd = x2d[:, 0::2].T, x2d[:, 1::2].T
+    xt = jnp.stack([x2d[:, 0::2], x2d[:, 1::2]], axis=1).reshape(2 * tokens, features // 2)
 
-    half = q.blocksize // 2
+    rows_per_program, unroll, k_split = _matmul_tiles(q)
     blocks_per_row = q.cols // q.blocksize
-    subblocks = _largest_pow2_divisor(blocks_per_row, _MATMUL_MAX_SUBBLOCKS)
-    k_tiles = blocks_per_row // subblocks
-    rows_per_program = min(_MATMUL_ROWS, max(_MIN_DOT, registry.next_pow2(q.rows)))
-    packed = q.packed.reshape(q.rows, q.cols // 2)
-    absmax = block_absmax(q).reshape(q.rows, blocks_per_row)
+    one = q if layer is None else NF4Layer(q, layer).sliced()
+    packed = q.packed.reshape(-1, q.cols // 2)  # every matrix of the stack, one after another
+    first_row = jnp.reshape(0 if layer is None else layer * q.rows, (1,)).astype(jnp.int32)
+    row_programs = q.rows // rows_per_program
 
     partials = pl.pallas_call(
-        functools.partial(_matmul_kernel, half=half, subblocks=subblocks),
-        grid=(registry.cdiv(q.rows, rows_per_program), k_tiles),
+        functools.partial(_matmul_kernel, half=q.blocksize // 2, unroll=unroll,
+                          steps=blocks_per_row // (unroll * k_split), blocks_per_row=blocks_per_row),
+        grid=(row_programs, k_split),
         in_specs=[
             pl.BlockSpec((16,), lambda j, k: (0,)),
-            pl.BlockSpec((subblocks * half, padded_tokens), lambda j, k: (k, 0)),
-            pl.BlockSpec((subblocks * half, padded_tokens), lambda j, k: (k, 0)),
-            pl.BlockSpec((rows_per_program, subblocks * half), lambda j, k: (j, k)),
-            pl.BlockSpec((rows_per_program, subblocks), lambda j, k: (j, k)),
+            pl.BlockSpec((1,), lambda j, k: (0,)),
+            pl.BlockSpec(),  # whole: programs read their input features
+            pl.BlockSpec(),  # whole: programs read their layer's rows in place
+            pl.BlockSpec(),
         ],
-        out_specs=pl.BlockSpec((rows_per_program, padded_tokens), lambda j, k: (j, k)),
-        out_shape=jax.ShapeDtypeStruct((q.rows, k_tiles * padded_tokens), jnp.float32),
+        out_specs=pl.BlockSpec((tokens, rows_per_program), lambda j, k: (0, k * row_programs + j)),
+        out_shape=jax.ShapeDtypeStruct((tokens, k_split * q.rows), jnp.float32),
         interpret=interpret,
-    )(jnp.asarray(NF4_CODES), xt_even, xt_odd, packed, absmax)
-    summed = partials.reshape(q.rows, k_tiles, padded_tokens).sum(axis=1)
-    return summed[:, :tokens].T.astype(x.dtype).reshape(*lead, q.rows)
+        compiler_params=_triton_params(interpret, _MATMUL_NUM_WARPS),
+    )(jnp.asarray(NF4_CODES), first_row, xt, packed, block_absmax(one).reshape(-1))
+    summed = partials.reshape(tokens, k_split, q.rows).sum(axis=1)
+    return summed.astype(x.dtype).reshape(*lead, q.rows)
 
 
-def nf4_matmul(x: jax.Array, q: NF4, impl: str | None = None, interpret: bool | None = None) -> jax.Array:
-    """x [..., in] @ dequantize(q).T. impl None: the fused Pallas kernel when jft.kernels' mode
-    selects Pallas and the leaf is supported, else the reference."""
+def fused_matmul_applies(tokens: int, q: NF4) -> bool:
+    """Whether jft.kernels' mode picks Pallas for NF4 and the fused matmul takes `tokens` times q."""
+    return registry.implementation("nf4_dequantize") is dequantize_pallas and pallas_matmul_supported(tokens, q)
+
+
+def nf4_matmul(x: jax.Array, q: NF4, impl: str | None = None, interpret: bool | None = None, layer=None) -> jax.Array:
+    """x [..., in] @ dequantize(q).T (with `layer`: that matrix of a stacked q). impl None: the fused
+    Pallas kernel where `fused_matmul_applies`, else the reference."""
     if impl is None:
-        wants_pallas = registry.implementation("nf4_dequantize") is dequantize_pallas
-        impl = "pallas" if wants_pallas and pallas_matmul_supported(q) else "reference"
+        impl = "pallas" if fused_matmul_applies(x.size // x.shape[-1], q) else "reference"
     if impl == "reference":
-        return nf4_matmul_reference(x, q)
+        return nf4_matmul_reference(x, q, layer)
     if impl == "pallas":
-        return nf4_matmul_pallas(x, q, interpret)
+        return nf4_matmul_pallas(x, q, interpret, layer)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")

@@ -52,9 +52,14 @@ QUANTIZED_DOT = "quantized_dot"  # the name remat policies save a quantized matm
 def quantized_matmul(x, w):
     """x @ dense(w).T for a frozen quantized w [out, in].
 
-    The backward pass dequantizes w again rather than keeping the forward's dense copy: under
-    remat, that copy would stay alive from the recomputed forward to the backward, and a layer's
-    seven dense matrices at once are most of QLoRA's working memory. w gets no gradient."""
+    An NF4 weight times a decoding step's few tokens goes through the fused kernel where the kernel
+    registry picks it (it reads the packed weight, not a dense copy). The backward pass dequantizes w
+    again rather than keeping the forward's dense copy: under remat, that copy would stay alive from
+    the recomputed forward to the backward, and a layer's seven dense matrices at once are most of
+    QLoRA's working memory. w gets no gradient."""
+    stack, layer = (w.stack, w.index) if isinstance(w, NF4Layer) else (w, None)
+    if isinstance(stack, NF4) and nf4_kernels.fused_matmul_applies(x.size // x.shape[-1], stack):
+        return nf4_kernels.nf4_matmul_pallas(x, stack, layer=layer)
     return jnp.einsum("...i,oi->...o", x, dense(w, x.dtype))
 
 

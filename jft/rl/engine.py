@@ -22,7 +22,8 @@ Quantized weights (NF4, FP8) are dequantized once per `generate` call, inside th
 when the dense copy fits (`dequantize="auto"`: the compiled rollout needs at most
 `generate.DEQUANTIZE_SHARE`, half, of the free device memory; never on CPU, which reports none). A
 decoding step is bound by reading the weights, and without the dense copy every step dequantizes
-each layer again before its matmul.
+each layer again before its matmul (or, at one or two rows, multiplies the packed NF4 weights in one
+fused kernel: `jft.kernels.nf4.nf4_matmul`).
 
 A longrope model (Phi-3) takes its factor set per sequence, as that sequence would alone: short
 within the original context; the step at which a sequence first reaches past it recomputes that
