@@ -226,7 +226,7 @@ def pallas_matmul_supported(tokens: int, q: NF4) -> bool:
 
 
 def nf4_matmul_pallas(x: jax.Array, q: NF4, interpret: bool | None = None, layer=None) -> jax.Array:
-    """Fused dequant-matmul for decoding one to a few tokens: x [..., in] @ W.T without materialising
+    """Fused dequant-matmul for decoding one or two tokens: x [..., in] @ W.T without materialising
     W, reading 0.5 bytes per weight. With `layer` (an int, may be traced) W is that matrix of a
     stacked q, read in place. Weights are rounded to x.dtype as the dequantize would, products
     summed in float32. Split-K: program (j, k) takes weight rows j*rows.. over its share of the input
