@@ -173,6 +173,11 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
         monkeypatch.setattr(memory, "free_device_bytes", lambda: free)
         assert jft.generate(model, [prompt], max_new_tokens=8, eos_token_ids=()).ids[0] == want
     assert choices == [False, True, False]
+    # one row a step, per-step weights, Pallas kernels: the fused NF4 matmul (interpret mode here)
+    monkeypatch.setattr(memory, "free_device_bytes", lambda: None)
+    jax.clear_caches()  # generation is jitted, and the kernel mode is read when tracing
+    with jft.kernels.use("pallas"):
+        assert jft.generate(model, [prompt], max_new_tokens=8, eos_token_ids=()).ids[0] == want
 
     args = (model.config, model.params, None, jax.numpy.asarray([prompt]), jax.numpy.ones((1, len(prompt)), "int32"),
             jax.random.key(0))
