@@ -161,9 +161,9 @@ def test_decoding_one_row_multiplies_nf4_layers_fused(tmp_path):
     assert len(calls) == 7 and all(eqn.params["jaxpr"].debug_info.func_name == "_matmul_kernel" for eqn in calls)
     assert {v.aval.size for eqn in calls for v in eqn.invars if v.aval.dtype == jnp.uint8} <= stacked
 
-    texts = {}
+    ids_by_mode = {}
     for mode in ("reference", "pallas"):
         jax.clear_caches()  # generation is jitted, and the kernel mode is read when tracing
         with jft.kernels.use(mode):
-            texts[mode] = jft.generate(model, [[5, 17, 42, 7]], max_new_tokens=6).ids
-    assert texts["pallas"] == texts["reference"]
+            ids_by_mode[mode] = jft.generate(model, [[5, 17, 42, 7]], max_new_tokens=6).ids
+    assert ids_by_mode["pallas"] == ids_by_mode["reference"]
