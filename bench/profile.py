@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from train import parse, setup
+from train import batch_source, parse, setup
 
 KINDS = [  # (kind, pattern on the kernel name), first match wins
     ("attention (cuDNN)", r"cudnn|fmha|sdpa|flash_fprop|flash_bprop"),
@@ -110,22 +110,27 @@ def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     args.attn = args.attn or ("cudnn" if on_gpu else "xla")
     config, step, params, lora, opt_state, batch = setup(args)
-    compiled = step.lower(params, lora, opt_state, batch).compile()
+    inputs = batch_source(args, config, params, batch)
+    upcoming = inputs()
+    compiled = step.lower(params, lora, opt_state, upcoming).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         gib = lambda n: f"{n / 2**30:.2f} GiB"
         print(f"XLA memory analysis: arguments {gib(memory.argument_size_in_bytes)}, outputs "
               f"{gib(memory.output_size_in_bytes)} (aliased {gib(memory.alias_size_in_bytes)}), temporaries "
               f"{gib(memory.temp_size_in_bytes)}, host temporaries {gib(getattr(memory, 'host_temp_size_in_bytes', 0))}")
-    for _ in range(args.warmup + 1):
-        lora, opt_state, metrics = step(params, lora, opt_state, batch)
-    float(metrics["loss"])
+    def run_steps(count):
+        nonlocal lora, opt_state, upcoming
+        for _ in range(count):
+            lora, opt_state, metrics = compiled(params, lora, opt_state, upcoming)
+            upcoming = inputs()
+        float(metrics["loss"])
+
+    run_steps(args.warmup + 1)
     trace_dir = tempfile.mkdtemp(prefix="jft-profile-")
     t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(args.steps):
-            lora, opt_state, metrics = step(params, lora, opt_state, batch)
-        float(metrics["loss"])
+        run_steps(args.steps)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
 

@@ -155,6 +155,24 @@ def setup(args):
     return config, step, params, lora, opt_state, batch
 
 
+def batch_source(args, config, params, batch):
+    """A function giving each step's batch. With --embedding host it takes the table out of params
+    (made on the host, as SFT(offload_embedding=True) keeps it) and, as SFT does, looks each step's
+    rows up on the host; call it while the previous step runs."""
+    if args.embedding != "host":
+        return lambda: batch
+    if args.mesh:
+        raise SystemExit("--embedding host runs on one device")
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jft.nn.layers import embed_tokens_on_host
+
+    table = params.pop("embed")
+    ids = np.asarray(batch["input_ids"])
+    return lambda: dict(batch, inputs_embeds=jnp.asarray(embed_tokens_on_host(config, table, ids)))
+
+
 def packed_layout(t: int, documents: int):
     """(positions, segment ids) [t] of one row: `documents` documents of random lengths (fixed seed)
     filling 31/32 of it, positions restarting at each, then padding (segment 0), as packing makes rows.
@@ -209,18 +227,7 @@ def run_one(args) -> dict:
     one_device = one_device_gib(args) if args.mesh else None
     config, step, params, lora, opt_state, batch = setup(args)
     b, t = args.batch, args.seq
-    inputs = lambda: batch
-    if args.embedding == "host":
-        if args.mesh:
-            raise SystemExit("--embedding host runs on one device")
-        import jax.numpy as jnp
-
-        from jft.nn.layers import embed_tokens_on_host
-
-        table = params.pop("embed")  # made on the host, as SFT(offload_embedding=True) keeps it
-        ids = np.asarray(batch["input_ids"])
-        # each step, as SFT does: the rows looked up on the host while the previous step runs, then sent
-        inputs = lambda: dict(batch, inputs_embeds=jnp.asarray(embed_tokens_on_host(config, table, ids)))
+    inputs = batch_source(args, config, params, batch)
     t0 = time.perf_counter()
     step = step.lower(params, lora, opt_state, inputs()).compile()
     compile_s = time.perf_counter() - t0
