@@ -119,6 +119,7 @@ def main(argv=None):
         print(f"XLA memory analysis: arguments {gib(memory.argument_size_in_bytes)}, outputs "
               f"{gib(memory.output_size_in_bytes)} (aliased {gib(memory.alias_size_in_bytes)}), temporaries "
               f"{gib(memory.temp_size_in_bytes)}, host temporaries {gib(getattr(memory, 'host_temp_size_in_bytes', 0))}")
+
     def run_steps(count):
         nonlocal lora, opt_state, upcoming
         for _ in range(count):
