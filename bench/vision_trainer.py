@@ -112,7 +112,7 @@ def run_one(args) -> dict:
     import jft.vlm as vlm
     from jft.nn.layers import embed_tokens_on_host
     from jft.nn.transformer import resolve_attention
-    from jft.train.sft import offload_embedding_table
+    from jft.train.sft import offload_embedding_table, without_embedding
     from jft.vlm import train as vtrain
     from jft.vlm.collator import VisionCollator
 
@@ -132,7 +132,7 @@ def run_one(args) -> dict:
     params, with_rows = model.params, lambda batch: batch
     if args.embedding == "host":  # as fit(offload_embedding=True): each step's rows looked up on the host
         table = offload_embedding_table(model, lora)
-        params = {k: v for k, v in model.params.items() if k != "embed"}
+        params = without_embedding(model.params)
         with_rows = lambda batch: dict(batch, inputs_embeds=embed_tokens_on_host(model.config.text, table, batch["input_ids"]))
     times, pending = [], with_rows(batch)
     for i in range(args.warmup + args.steps):

@@ -233,13 +233,13 @@ def nf4_matmul_pallas(x: jax.Array, q: NF4, interpret: bool | None = None, layer
     blocks, and the partial sums [tokens, k_split * out] are added afterwards."""
     if len(q.batch_shape) != (layer is not None):
         raise ValueError(f"nf4_matmul_pallas: give `layer` for a stack [L, out, in] (and only then); got {q!r}")
-    if not pallas_matmul_supported(x.size // x.shape[-1], q):
-        raise ValueError(f"nf4_matmul_pallas does not support x {x.shape} with {q!r}; use nf4_matmul_reference")
-    interpret = registry.interpret() if interpret is None else interpret
     *lead, features = x.shape
+    tokens = x.size // features
+    if not pallas_matmul_supported(tokens, q):
+        raise ValueError(f"nf4_matmul_pallas does not support x {x.shape} with {q!r}; use nf4_matmul_reference")
     if features != q.cols:
         raise ValueError(f"x has {features} input features, the weight {q.shape} expects {q.cols}")
-    tokens = x.size // features
+    interpret = registry.interpret() if interpret is None else interpret
     x2d = x.reshape(tokens, features)
     xt = jnp.stack([x2d[:, 0::2], x2d[:, 1::2]], axis=1).reshape(2 * tokens, features // 2)
 
