@@ -128,7 +128,7 @@ def test_registry_modes_and_dispatch():
 def test_registry_accepts_ops_from_other_modules():
     name = "test_only_double"
     K.register(name, lambda x: 2 * x)
-    K.register_pallas(name, lambda x: x + x, auto_backends=("cpu",))
+    K.register_pallas(name, lambda x: x + x, auto_backends=(jax.default_backend(),))
     with K.use("auto"):
         assert float(registry.call(name, jnp.float32(3.0))) == 6.0
         assert K.implementation(name) is K.ops()[name].pallas
@@ -493,6 +493,17 @@ def test_attention_pallas_unmasked_blocks_match_reference(window):
     pallas = lambda q, k, v: attention_pallas(q, k, v, pos, pos, window=window, **blocks)
     reference = lambda q, k, v: attention_reference(q, k, v, pos, pos, window=window)
     _compare_pallas(pallas, reference, (q, k, v), (0, 1, 2), F32)
+
+
+def test_attention_pallas_propagates_nan_as_the_reference_does():
+    """A NaN score must reach the output (the trainers stop on a non-finite loss), not read as a query
+    that sees no key."""
+    q, k, v, qp, kp, qs, ks = _attention_inputs(1, 20, 20, 4, 2, 16)
+    q = q.at[0, 3, 1, 0].set(jnp.nan)
+    blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+    expected = np.isnan(np.asarray(attention_reference(q, k, v, qp, kp, qs, ks)))
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(np.isnan(np.asarray(attention_pallas(q, k, v, qp, kp, qs, ks, **blocks))), expected)
 
 
 @pytest.mark.parametrize("window", [None, 40])

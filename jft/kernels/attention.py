@@ -164,7 +164,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, range_r
         jnp.zeros((bq,), jnp.float32),
     )
     acc, m, l = _over_ranges(range_ref, _fori(key_block), init)
-    seen = l > 0.0
+    seen = l != 0.0  # NaN counts as seen: a NaN input must reach the output, as in the reference
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(safe_l), 0.0)  # base 2, for the backward kernels
