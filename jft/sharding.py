@@ -40,7 +40,9 @@ def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+    # Auto axes (sharding by propagation and constraints), which jft's sharding rules assume; JAX's own
+    # default differs between Mesh and AbstractMesh and between versions
+    return Mesh(np.asarray(devices).reshape(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def _fits(shape, spec, m: Mesh) -> P:
