@@ -10,6 +10,8 @@ from jft.kernels.layer_matmul import layer_matmul_pallas, layer_matmul_reference
 from jft.rl import JaxEngine, SamplingParams
 from tests.test_kernels_nf4 import equations
 
+AUTO = jax.sharding.AxisType.Auto
+
 
 def _random(shape, dtype, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
@@ -67,7 +69,7 @@ def test_decoding_reads_each_layer_in_place(model):
     with jft.kernels.use("pallas"):
         jaxpr = step(model.params)
         # over a mesh of several devices the weights may be sharded, and a Pallas call would gather them whole
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "tensor"))):
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AUTO,) * 3)):
             meshed = step(model.params)
     reads = [max(v.aval.size for v in eqn.invars) for eqn in equations(jaxpr.jaxpr, "pallas_call")]
     assert len(reads) == 7 and set(reads) == stacks, reads

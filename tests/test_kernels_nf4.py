@@ -79,7 +79,8 @@ def test_pallas_nf4_matmul_bf16_and_batch_dims():
     fused = kernels.nf4_matmul(x, q, impl="pallas", interpret=True)
     reference = kernels.nf4_matmul_reference(x, q)
     assert fused.shape == (2, 1, 48) and fused.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(reference, np.float32), rtol=2e-2, atol=2e-2)
+    reference = np.asarray(reference, np.float32)  # bf16: errors on the scale of the largest output
+    np.testing.assert_allclose(np.asarray(fused, np.float32), reference, rtol=1e-2, atol=1e-2 * np.abs(reference).max())
 
 
 def test_pallas_nf4_matmul_reads_one_layer_of_a_stack_in_place():

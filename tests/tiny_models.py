@@ -61,6 +61,9 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     config = config_cls(**{**_COMMON, **_EXTRA[family], **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
+    # the model's own math: transformers' default sdpa path drops Gemma-2's attention softcap in some
+    # versions (5.17), eager applies it in all
+    model.set_attn_implementation("eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
