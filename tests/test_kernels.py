@@ -427,6 +427,9 @@ def _naive_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, scale, window=None, so
     return out
 
 
+BLOCKS_16 = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)  # several blocks on small test shapes
+
+
 def _attention_inputs(b, t, s, hq, hkv, hd, dtype=F32, seed=0):
     k = _keys(3, seed)
     q = _normal(k[0], (b, t, hq, hd), dtype)
@@ -477,8 +480,7 @@ def test_attention_reference_matches_torch_sdpa():
 )
 def test_attention_pallas_matches_reference(dtype, dims, kw):
     q, k, v, qp, kp, qs, ks = _attention_inputs(*dims, dtype=dtype)
-    blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
-    pallas = lambda q, k, v: attention_pallas(q, k, v, qp, kp, qs, ks, **kw, **blocks)
+    pallas = lambda q, k, v: attention_pallas(q, k, v, qp, kp, qs, ks, **kw, **BLOCKS_16)
     reference = lambda q, k, v: attention_reference(q, k, v, qp, kp, qs, ks, **kw)
     _compare_pallas(pallas, reference, (q, k, v), (0, 1, 2), dtype)
 
@@ -489,8 +491,7 @@ def test_attention_pallas_unmasked_blocks_match_reference(window):
     unmasked loop); with a window, masked blocks come before and after that run."""
     q, k, v, _, _, _, _ = _attention_inputs(2, 64, 64, 4, 2, 16)
     pos = jnp.tile(jnp.arange(64), (2, 1))
-    blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
-    pallas = lambda q, k, v: attention_pallas(q, k, v, pos, pos, window=window, **blocks)
+    pallas = lambda q, k, v: attention_pallas(q, k, v, pos, pos, window=window, **BLOCKS_16)
     reference = lambda q, k, v: attention_reference(q, k, v, pos, pos, window=window)
     _compare_pallas(pallas, reference, (q, k, v), (0, 1, 2), F32)
 
@@ -500,10 +501,9 @@ def test_attention_pallas_propagates_nan_as_the_reference_does():
     that sees no key."""
     q, k, v, qp, kp, qs, ks = _attention_inputs(1, 20, 20, 4, 2, 16)
     q = q.at[0, 3, 1, 0].set(jnp.nan)
-    blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
     expected = np.isnan(np.asarray(attention_reference(q, k, v, qp, kp, qs, ks)))
     assert expected.any() and not expected.all()
-    np.testing.assert_array_equal(np.isnan(np.asarray(attention_pallas(q, k, v, qp, kp, qs, ks, **blocks))), expected)
+    np.testing.assert_array_equal(np.isnan(np.asarray(attention_pallas(q, k, v, qp, kp, qs, ks, **BLOCKS_16))), expected)
 
 
 @pytest.mark.parametrize("window", [None, 40])
