@@ -44,9 +44,7 @@ def out_of_memory_message(work: str, advice: str, xla_message: str, device: str)
     # XLA:GPU's autotuner, compiling, may fail to allocate a buffer to time a kernel with ("configs")
     compiling = "compil" in status.lower() or "Failed to get configs" in status
     where = f"while compiling {work}" if compiling else f"in {work}"
-    need = _requested(status)
-    if need is None and (found := re.search(r"trying to allocate ([\d.]+ ?[KMGT]i?B)", xla_message)):
-        need = f"XLA could not allocate {found.group(1)}"  # the autotuner's failure, further down
+    need = _requested(status) or _allocator_request(xla_message)  # the autotuner's failure is further down
     return f"out of device memory {where} on {device}{f'; {need}' if need else ''}. Try: {advice}."
 
 
@@ -59,6 +57,17 @@ def _requested(status: str) -> str | None:
     if found:
         return f"the program needs {found.group(1)} of {found.group(2)} {found.group(3)}"
     return None
+
+
+def _allocator_request(text: str) -> str | None:
+    """XLA:GPU's allocator names the size in binary units: "trying to allocate 256.02GiB"."""
+    found = re.search(r"trying to allocate ([\d.]+) ?([KMGT])i?B", text)
+    if found:
+        return f"XLA could not allocate {format_bytes(float(found.group(1)) * _BINARY_UNITS[found.group(2)])}"
+    return None
+
+
+_BINARY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def quantize_option(params, loader: str = "jft.load") -> list[str]:

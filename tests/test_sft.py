@@ -275,6 +275,7 @@ def test_auto_remat_takes_the_fastest_policy_that_fits(tiny, monkeypatch):
     optimizer = optax.adamw(1e-3)
     params, lora = trainer._device_params(), _lora(tiny)
     opt_state = optimizer.init(lora)
+    monkeypatch.setattr(sft, "free_device_bytes", lambda: None)
     assert trainer._make_step(optimizer, params, lora, opt_state, 128)[0] == "full"
     batch = trainer._device_batch(empty_rows(2, 128, 0))
     need = {policy: allocated_bytes(make_sft_step(tiny.config, optimizer, remat=policy, attn_impl=trainer.attention)

@@ -195,7 +195,7 @@ class SFT:
         lora = jax.tree.map(jnp.copy, self.lora)  # a private copy (same placement): the step donates its buffers
         opt_state = sharding.replicate(optimizer.init(lora), self.mesh)  # its counters too: restored there as well
         params = self._device_params()
-        with explain_out_of_memory("compiling the SFT training step", self._memory_advice()):
+        with explain_out_of_memory("the SFT training step", self._memory_advice()):
             remat, step_fn = self._make_step(optimizer, params, lora, opt_state, self._widest_batch(examples))
 
         checkpoints, start, lora, opt_state, history = start_run(
