@@ -112,8 +112,8 @@ def fits_free_memory(jitted, args, kwargs, share: float) -> bool:
     leaves, tree = jax.tree.flatten((args, kwargs))  # static arguments (config, options) are hashable leaves
     key = (jitted, tree, tuple((x.shape, x.dtype) if isinstance(x, (jax.Array, np.ndarray)) else x for x in leaves))
     if key not in _allocations:
-        _allocations[key] = allocated_bytes(jitted.lower(*args, **kwargs).compile())
-    return _allocations[key] <= share * free
+        _allocations[key] = compiled_bytes(lambda: jitted.lower(*args, **kwargs).compile())
+    return _allocations[key] is not None and _allocations[key] <= share * free
 
 
 def allocated_bytes(compiled) -> int:
@@ -121,6 +121,17 @@ def allocated_bytes(compiled) -> int:
     not reuse a donated argument, and the temporaries."""
     m = compiled.memory_analysis()
     return m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def compiled_bytes(compile) -> int | None:
+    """allocated_bytes of the program `compile()` returns; None when XLA runs out of device memory
+    compiling it (XLA:GPU's autotuner allocates the operands it times kernels on)."""
+    try:
+        return allocated_bytes(compile())
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        return None
 
 
 def _device_summary() -> str:

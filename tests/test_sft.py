@@ -263,7 +263,8 @@ def test_metrics_go_to_tensorboard_too(tiny, tmp_path):
 def test_auto_remat_takes_the_fastest_policy_that_fits(tiny, monkeypatch):
     """remat="auto" compiles the step for a full batch and takes save_dots when XLA's figure for it fits
     AUTO_REMAT_SHARE of the free device memory, else full, else offload. CPU devices report no memory,
-    so there it is full; the free memory of a GPU is stood in for here, the figures are XLA's own."""
+    so there it is full; the free memory of a GPU is stood in for here, the figures are XLA's own. A policy
+    whose compile runs out of memory does not fit."""
     import optax
 
     import jft.train.sft as sft
@@ -286,6 +287,21 @@ def test_auto_remat_takes_the_fastest_policy_that_fits(tiny, monkeypatch):
                            (need["full"] / sft.AUTO_REMAT_SHARE + 1, "full"), (need["full"], "offload")):
         monkeypatch.setattr(sft, "free_device_bytes", lambda free=free: int(free))
         assert trainer._make_step(optimizer, params, lora, opt_state, 128)[0] == expected
+
+    class RunsOutCompiling:  # what XLA:GPU's autotuner raises when it cannot allocate a kernel's operands
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Failed to get configs for: 1 out of 9 instructions")
+
+    def save_dots_runs_out_compiling(config, optimizer, remat, **options):
+        return RunsOutCompiling() if remat == "save_dots" else make_sft_step(config, optimizer, remat=remat, **options)
+
+    monkeypatch.setattr(sft, "make_sft_step", save_dots_runs_out_compiling)
+    monkeypatch.setattr(sft, "free_device_bytes", lambda: 2**40)
+    assert trainer._make_step(optimizer, params, lora, opt_state, 128)[0] == "full"
+    monkeypatch.setattr(sft, "make_sft_step", make_sft_step)
     rows = _gsm8k_rows("train", 8)
     monkeypatch.setattr(sft, "free_device_bytes", lambda: 2**40)
     auto = jft.train.SFT(tiny, _lora(tiny), max_seq_length=128, batch_size=2, progress=False).fit(rows, steps=2)

@@ -23,7 +23,7 @@ from jft import data as jdata
 from jft import sharding
 from jft.data.packing import empty_rows
 from jft.lora import check_trains_something
-from jft.memory import (allocated_bytes, explain_out_of_memory, format_bytes, free_device_bytes, offload_embedding_option,
+from jft.memory import (compiled_bytes, explain_out_of_memory, format_bytes, free_device_bytes, offload_embedding_option,
                         quantize_option, remat_option)
 from jft.model import no_tokenizer_error, pad_token_id_of
 from jft.nn.layers import dense, embed_tokens_on_host
@@ -261,7 +261,8 @@ class SFT:
     def _make_step(self, optimizer, params, lora, opt_state, seq_len: int):
         """(remat policy, jitted step). remat="auto" takes the fastest policy whose step, compiled for
         the widest batch ([rows, seq_len]), fits in AUTO_REMAT_SHARE of the free device memory:
-        save_dots, else full, else offload; full where the devices do not report their memory (CPU)."""
+        save_dots, else full, else offload; full where the devices do not report their memory (CPU). A
+        policy XLA runs out of memory compiling does not fit."""
         def make(policy):
             return make_sft_step(self.model.config, optimizer, remat=policy, grad_accum=self.grad_accum,
                                  attn_impl=self.attention)
@@ -273,16 +274,17 @@ class SFT:
         batch = self._device_batch(empty_rows(self.batch_size * self.grad_accum, seq_len, self._pad_id()))
         for candidate in ("save_dots", "full"):
             step = make(candidate)
-            compile_step = sharding.scoped(self.mesh, lambda *args: step.lower(*args).compile())
-            need = allocated_bytes(compile_step(params, lora, opt_state, batch, jax.random.key(0)))
-            if need <= AUTO_REMAT_SHARE * free:
+            compile_step = sharding.scoped(self.mesh, lambda: step.lower(params, lora, opt_state, batch,
+                                                                         jax.random.key(0)).compile())
+            need = compiled_bytes(compile_step)
+            if need is not None and need <= AUTO_REMAT_SHARE * free:
                 policy = candidate
                 break
         else:
             policy, step = "offload", make("offload")
         if self.progress and sharding.is_main_process():
-            tqdm.write(f'remat="auto" chose {policy}: the {candidate} step needs {format_bytes(need)}, '
-                       f"{format_bytes(free)} free")
+            needs = "ran out of memory compiling" if need is None else f"needs {format_bytes(need)}"
+            tqdm.write(f'remat="auto" chose {policy}: the {candidate} step {needs}, {format_bytes(free)} free')
         return policy, sharding.scoped(self.mesh, step)
 
     def _log(self, record: dict) -> None:
