@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import jft
 from tests.test_lora import _random_b
-from tests.tiny_models import LONGROPE, save_hf_model
+from tests.tiny_models import LONGROPE, load_hf_model, save_hf_model
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])
@@ -21,7 +21,7 @@ def test_merged_checkpoint_loads_in_transformers_with_jft_logits(family, tmp_pat
     jft.convert.save_merged(model, lora, tmp_path / "merged", dtype="float32", max_shard_size=40_000)
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(2, 12))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    hf = load_hf_model(tmp_path / "merged")
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(jft.forward(model, ids, lora=lora)), atol=1e-4, rtol=0)
@@ -35,7 +35,7 @@ def test_merged_longrope_checkpoint_keeps_its_rope(tmp_path):
     lora = _random_b(jft.lora.init(model, r=4, alpha=8, key=jax.random.key(0)), jax.random.key(1))
     jft.convert.save_merged(model, lora, tmp_path / "merged", dtype="float32")
     assert jft.load(str(tmp_path / "merged"), dtype="float32").config == model.config
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    hf = load_hf_model(tmp_path / "merged")
     assert hf.config.rope_parameters["long_factor"] == list(LONGROPE["rope_parameters"]["long_factor"])
     for length in (20, 48):
         ids = np.random.default_rng(length).integers(3, model.config.vocab_size, size=(1, length))
@@ -71,6 +71,6 @@ def test_merged_save_replaces_an_older_model_in_the_directory(tmp_path):
                            sorted(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()))
                            + ["model.safetensors.index.json"])
         assert (out / "README.md").read_text() == "notes" and (out / "adapter_model.safetensors").exists()
-        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        hf = load_hf_model(out)
         with torch.no_grad():
             np.testing.assert_allclose(hf(input_ids=torch.tensor(ids)).logits.numpy(), expected, atol=1e-4, rtol=0)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 import jft
 import jft.lora
@@ -17,7 +16,7 @@ from jft.convert.peft import adapter_tensors, load_lora, save_lora
 from jft.quant import NF4
 from jft.train.step import loss_and_grads
 from tests.test_quant_models import BNB, _bnb_dequantized_reference
-from tests.tiny_models import save_hf_model
+from tests.tiny_models import load_hf_model, save_hf_model
 
 
 def _random_b(lora, key, std=0.05):
@@ -46,7 +45,7 @@ def _jft_grads(model, lora, ids, labels, remat="none"):
 
 
 def _peft_grads(hf_dir, adapter_dir, ids, labels):
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    hf = load_hf_model(hf_dir)
     peft_model = PeftModel.from_pretrained(hf, adapter_dir, is_trainable=True)
     out = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long))
     out.loss.backward()
@@ -87,7 +86,7 @@ def test_qlora_gradients_equal_peft_on_bitsandbytes_weights(remat, kernels, tmp_
     transformers holding bitsandbytes' own dequantization of the same 4-bit checkpoint; with
     "pallas", the layer scan's NF4 views go through the Pallas dequantize (interpret mode)."""
     save_hf_model("llama", tmp_path / "fp32")
-    bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
+    bnb = load_hf_model(tmp_path / "fp32", quantization_config=BNB)
     bnb.save_pretrained(tmp_path / "bnb")
     _bnb_dequantized_reference(bnb, tmp_path / "fp32").save_pretrained(tmp_path / "dequantized")
     model = jft.load(str(tmp_path / "bnb"), dtype="float32")
@@ -128,7 +127,7 @@ def test_adapter_saved_by_jft_gives_jft_logits_in_peft(family, tmp_path):
     save_lora(model, lora, tmp_path / "adapter")
     ids, _ = _batch(model.config.vocab_size, seed=2)
     ours = np.asarray(jft.forward(model, ids, lora=lora))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    hf = load_hf_model(tmp_path / "base")
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = peft_model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
@@ -138,7 +137,7 @@ def test_adapter_saved_by_jft_gives_jft_logits_in_peft(family, tmp_path):
 @pytest.mark.parametrize("family", ["qwen3", "phi3"])
 def test_adapter_trained_by_peft_loads_into_jft(family, tmp_path):
     save_hf_model(family, tmp_path / "base")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    hf = load_hf_model(tmp_path / "base")
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else ["q_proj", "v_proj", "down_proj"]
     cfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern={targets[0]: 6},
                          alpha_pattern={targets[0]: 3.0}, layers_to_transform=[0, 2])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jft
-from tests.tiny_models import FAMILIES, LONGROPE, WINDOW, YARN, YARN_TUNED, save_hf_model
+from tests.tiny_models import FAMILIES, LONGROPE, WINDOW, YARN, YARN_TUNED, load_hf_model, save_hf_model
 
 SEQ = 3 * WINDOW + 5  # longer than the sliding window
 
@@ -180,14 +180,13 @@ def test_malformed_json_files_are_named(base, tmp_path):
 
 
 def test_generation_past_the_context_warns_and_still_equals_transformers(llama_dir):
-    from transformers import AutoModelForCausalLM
 
     model = jft.load(str(llama_dir), dtype="float32")
     context = model.config.max_position_embeddings
     prompt = np.random.default_rng(4).integers(3, model.config.vocab_size, size=context - 4).tolist()
     with pytest.warns(UserWarning, match=f"plus max_new_tokens=10 goes past the model's context of {context} tokens"):
         ours = jft.generate(model, [prompt], max_new_tokens=10, eos_token_ids=()).ids[0]
-    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    hf = load_hf_model(llama_dir)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                           eos_token_id=None, pad_token_id=0)

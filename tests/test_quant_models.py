@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 
 import jft
 from jft.convert.fp8 import fp8_quantization_config, fp8_to_hf
 from jft.convert.hf import hf_tensors
 from jft.convert.safetensors_io import save_file
 from jft.quant import FP8, NF4, quantize_fp8
-from tests.tiny_models import save_hf_model
+from tests.tiny_models import load_hf_model, save_hf_model
 
 BNB = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.float32)
@@ -40,7 +40,7 @@ def _bnb_dequantized_reference(bnb_model, fp32_dir):
     """
     import bitsandbytes.functional as F
 
-    ref = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32).eval()
+    ref = load_hf_model(fp32_dir)
     quantized = {n: m for n, m in bnb_model.named_modules() if type(m).__name__ == "Linear4bit"}
     assert quantized
     with torch.no_grad():
@@ -54,7 +54,7 @@ def _bnb_dequantized_reference(bnb_model, fp32_dir):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_bnb_4bit_checkpoint_loads_without_dequantizing_and_matches(family, tmp_path):
     save_hf_model(family, tmp_path / "fp32")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
+    hf = load_hf_model(tmp_path / "fp32", quantization_config=BNB)
     hf.save_pretrained(tmp_path / "bnb")
     model = jft.load(str(tmp_path / "bnb"), dtype="float32")
     assert isinstance(model.params["layers"]["q"], NF4) and isinstance(model.params["layers"]["down"], NF4)
@@ -66,7 +66,7 @@ def test_bnb_4bit_checkpoint_loads_without_dequantizing_and_matches(family, tmp_
 
 def test_quantize_on_load_equals_bitsandbytes_quantization(tmp_path):
     save_hf_model("gemma2", tmp_path / "fp32")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
+    hf = load_hf_model(tmp_path / "fp32", quantization_config=BNB)
     model = jft.load(str(tmp_path / "fp32"), dtype="float32", quantize="nf4")
     ids = _ids(model.config.vocab_size, seed=1)
     _close(np.asarray(jft.forward(model, ids)), _hf_logits(_bnb_dequantized_reference(hf, tmp_path / "fp32"), ids))
@@ -79,7 +79,7 @@ def test_jft_bnb_4bit_export_loads_in_transformers(tmp_path):
     jft.convert.save_merged(model, lora, tmp_path / "bnb", dtype="float32", quantize="nf4")
     cfg = json.loads((tmp_path / "bnb" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb", dtype=torch.float32)
+    hf = load_hf_model(tmp_path / "bnb")
     assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ids = _ids(model.config.vocab_size, seed=2)
     again = jft.load(str(tmp_path / "bnb"), dtype="float32")
@@ -161,7 +161,7 @@ def test_generation_makes_quantized_weights_dense_once_when_they_fit(tmp_path, m
     from tests.test_kernels_nf4 import loops_read_packed_bytes
 
     save_hf_model("llama", tmp_path / "fp32")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=BNB, dtype=torch.float32)
+    hf = load_hf_model(tmp_path / "fp32", quantization_config=BNB)
     reference = _bnb_dequantized_reference(hf, tmp_path / "fp32")
     model = jft.load(str(tmp_path / "fp32"), dtype="float32", quantize="nf4")
     prompt = _ids(model.config.vocab_size, seed=2)[0].tolist()

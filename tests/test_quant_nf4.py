@@ -32,13 +32,10 @@ def as_f32(x) -> np.ndarray:
 
 
 def bnb_dequantize(packed, state) -> np.ndarray:
-    """bitsandbytes' dequantization. Its AVX512 CPU kernel reads the wrong absmax when a block
-    straddles two rows (cols % blocksize != 0 with cols % 16 == 0: it indexes absmax per row), so for
-    those shapes use bitsandbytes' own generic implementation of the same function."""
-    cols = state.shape[-1]
-    avx512_row_bug = torch.backends.cpu.get_cpu_capability() == "AVX512" and cols % 16 == 0 and cols % state.blocksize
-    if not avx512_row_bug:
-        return bnbf.dequantize_4bit(packed, state).float().numpy()
+    """bitsandbytes' dequantization by its generic implementation (what its backends without a
+    dedicated kernel run). Its AVX512 CPU kernel is not exact everywhere: it reads the wrong absmax
+    when a block straddles two rows (cols % blocksize != 0 with cols % 16 == 0: it indexes absmax per
+    row), and on some hosts (the H200 machine's) it rounds float16 ties away from even."""
     absmax = state.absmax
     if state.nested:
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset

@@ -77,3 +77,10 @@ def save_hf_model(family: str, path, seed: int = 0, **overrides):
     model = make_hf_model(family, seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+def load_hf_model(path, **kwargs):
+    """A saved checkpoint as the tests' reference: float32, eager attention (as in make_hf_model), on the
+    CPU also where a GPU is present (bitsandbytes' 4-bit loading would otherwise move it there)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                             device_map="cpu", **kwargs)
