@@ -1,9 +1,12 @@
 """The `jft` command line, run as a user would."""
 
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,11 +14,16 @@ import pytest
 GSM8K_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl")
 
 
-def _jft(*args, cwd=None, devices=None):
+def _jft_command(*args, devices=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([sys.executable, "-m", "jft.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return [sys.executable, "-m", "jft.cli", *args], env
+
+
+def _jft(*args, cwd=None, devices=None):
+    command, env = _jft_command(*args, devices=devices)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def test_train_then_export_merged_then_generate(base, tmp_path):
@@ -140,3 +148,26 @@ def test_export_gguf_writes_a_quant_named_twice_once(base, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [f"wrote {out}"]
     assert sorted(os.listdir(tmp_path)) == ["Modelfile", "model.gguf"]
+
+
+def test_ctrl_c_while_checkpointing_finishes_the_checkpoint_then_stops(base, tmp_path):
+    """Ctrl-C (SIGINT) that lands while a checkpoint is being written: the step is finished, the run stops
+    with one line and no traceback, and --resume goes on from it."""
+    out = tmp_path / "run"
+    train = ("train", "--model", base, "--dataset", GSM8K_TRAIN, "--max-seq-length", "128", "--batch-size", "2",
+             "--checkpoint-every", "1", "--out", str(out))
+    command, env = _jft_command(*train, "--steps", "100000")
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not glob.glob(str(out / "checkpoints" / "*.orbax-checkpoint-tmp*")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1].startswith("jft: interrupted (with --checkpoint-every, --resume continues")
+    names = os.listdir(out / "checkpoints")
+    assert not [name for name in names if "tmp" in name], names
+    last = max(int(name) for name in names if name.isdigit())
+    r = _jft(*train, "--steps", str(last + 1), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-2:] == [last, last + 1]

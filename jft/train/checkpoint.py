@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import warnings
 
 import jax
@@ -47,14 +50,15 @@ class Checkpoints:
     def save(self, step: int, lora, opt_state, history: list[dict]) -> None:
         import orbax.checkpoint as ocp
 
-        self.manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
-        self.manager.wait_until_finished()
-        if not is_main_process():
-            return
-        atomic_write(self._history_path(step), lambda f: json.dump(history, f), mode="w")
-        settings = _lora_settings(lora)
-        atomic_write(self._lora_path(step), lambda f: json.dump(settings, f), mode="w")
-        self._remove_rotated()
+        with _interrupts_deferred():
+            self.manager.save(step, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
+            self.manager.wait_until_finished()
+            if not is_main_process():
+                return
+            atomic_write(self._history_path(step), lambda f: json.dump(history, f), mode="w")
+            settings = _lora_settings(lora)
+            atomic_write(self._lora_path(step), lambda f: json.dump(settings, f), mode="w")
+            self._remove_rotated()
 
     def _remove_rotated(self) -> None:
         """The history and settings files of steps orbax has rotated away."""
@@ -94,6 +98,24 @@ class Checkpoints:
             raise ValueError(f"the checkpoint in {self.directory} has LoRA {_describe(saved, differ)}, this run has "
                              f"{_describe(current, differ)}: resume with the checkpoint's LoRA settings, or train "
                              "into another output directory")
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C inside the block raises KeyboardInterrupt when the block ends: a checkpoint being written
+    is finished first (orbax's writer threads, cut off by an exiting interpreter, print tracebacks and
+    leave a partial step behind)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def start_run(out_dir: str | None, *, checkpoint_every: int, resume: bool, lora, opt_state):
