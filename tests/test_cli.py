@@ -157,12 +157,14 @@ def test_ctrl_c_while_checkpointing_finishes_the_checkpoint_then_stops(base, tmp
     train = ("train", "--model", base, "--dataset", GSM8K_TRAIN, "--max-seq-length", "128", "--batch-size", "2",
              "--checkpoint-every", "1", "--out", str(out))
     command, env = _jft_command(*train, "--steps", "100000")
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while not glob.glob(str(out / "checkpoints" / "*.orbax-checkpoint-tmp*")) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=120)
+    with open(tmp_path / "stderr", "w") as log:  # a file, not a pipe: the progress bar never blocks on it
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(out / "checkpoints" / "*.orbax-checkpoint-tmp*")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=120)
+    stderr = (tmp_path / "stderr").read_text()
     assert run.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.splitlines()[-1].startswith("jft: interrupted (with --checkpoint-every, --resume continues")
     names = os.listdir(out / "checkpoints")
