@@ -8,6 +8,7 @@ import pytest
 import jft
 from jft.kernels.layer_matmul import layer_matmul_pallas, layer_matmul_reference, pallas_supported
 from jft.rl import JaxEngine, SamplingParams
+from jft.sharding import AXES
 from tests.test_kernels_nf4 import equations
 
 AUTO = jax.sharding.AxisType.Auto
@@ -69,7 +70,7 @@ def test_decoding_reads_each_layer_in_place(model):
     with jft.kernels.use("pallas"):
         jaxpr = step(model.params)
         # over a mesh of several devices the weights may be sharded, and a Pallas call would gather them whole
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AUTO,) * 3)):
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2, 1), AXES, axis_types=(AUTO,) * 3)):
             meshed = step(model.params)
     reads = [max(v.aval.size for v in eqn.invars) for eqn in equations(jaxpr.jaxpr, "pallas_call")]
     assert len(reads) == 7 and set(reads) == stacks, reads

@@ -180,7 +180,6 @@ def test_malformed_json_files_are_named(base, tmp_path):
 
 
 def test_generation_past_the_context_warns_and_still_equals_transformers(llama_dir):
-
     model = jft.load(str(llama_dir), dtype="float32")
     context = model.config.max_position_embeddings
     prompt = np.random.default_rng(4).integers(3, model.config.vocab_size, size=context - 4).tolist()
