@@ -3,10 +3,14 @@
     python bench/kernels.py            # on the H200: Llama-3-8B and Gemma-2-9B shapes, 4096 tokens
     python bench/kernels.py --small    # tiny shapes; runs anywhere (Pallas in interpret mode on CPU)
 
-Each timing is the median over --samples samples of --calls back-to-back calls of one jitted
-function (after warm-up), divided by --calls. Memory-bound ops report GB/s of the minimal HBM
-traffic against a copy measured in the same run; matmul-bound ops report TFLOP/s of useful work
-against a bf16 matmul measured in the same run. "fwd+bwd" runs jax.vjp and the pullback together.
+"ms" is the median over --samples samples of --calls back-to-back calls of one jitted function
+(after warm-up), divided by --calls. The calls cycle through copies of the inputs, so that each
+reads them from memory, not from the cache the call before left them in. On a GPU, "kernel ms" is
+the time the GPU spent in the call's kernels (the profiler's durations): for ops of tens of
+microseconds the wall clock also counts the host's dispatch, which varies between runs. Rates and
+ceilings use the kernel time where there is one. Memory-bound ops report GB/s of the minimal HBM traffic against a copy measured in
+the same run; matmul-bound ops report TFLOP/s of useful work against a bf16 matmul measured in the
+same run. "fwd+bwd" runs jax.vjp and the pullback together.
 A row whose implementation fails to compile or run prints the error instead of a time.
 """
 
@@ -14,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,6 +48,7 @@ from jft.kernels.nf4 import dequantize_reference as nf4_dequantize_reference  # 
 from jft.kernels.nf4 import nf4_matmul_pallas, nf4_matmul_reference  # noqa: E402
 from jft.kernels.rope import rope_pallas, rope_reference  # noqa: E402
 from jft.quant import quantize_nf4  # noqa: E402
+from profile import kernel_events  # noqa: E402  (bench/profile.py)
 from train import packed_layout  # noqa: E402
 
 
@@ -73,17 +80,40 @@ SMALL = [
 # ----------------------------------------------------------------------------- timing
 
 
-def _median_seconds(fn, args, calls, samples, warmup):
+def _median_seconds(fn, arg_sets, calls, samples, warmup):
     for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*arg_sets[0]))
     times = []
     for _ in range(samples):
         start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
+        for i in range(calls):
+            out = fn(*arg_sets[i % len(arg_sets)])
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
+
+
+def _kernel_seconds(fn, arg_sets, calls):
+    """GPU time in the kernels of one call, from the profiler over `calls` calls; None off the GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    jax.block_until_ready(fn(*arg_sets[0]))
+    trace_dir = tempfile.mkdtemp(prefix="jft-kernels-")
+    try:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for i in range(calls):
+                out = fn(*arg_sets[i % len(arg_sets)])
+            jax.block_until_ready(out)
+        return sum(duration for _, duration, _ in kernel_events(trace_dir)) / 1e6 / calls
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+
+
+def _input_copies(args, at_least=256 * 2**20, most=16):
+    """args and copies of them, together at least `at_least` bytes: more than the GPU's L2 cache."""
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(args))
+    count = min(most, max(2, -(-at_least // max(size, 1))))
+    return [args] + [jax.tree.map(jnp.copy, args) for _ in range(count - 1)]
 
 
 def _temp_bytes(fn, args):
@@ -94,11 +124,17 @@ def _temp_bytes(fn, args):
 
 
 def _forward_backward(op):
-    """A jitted function running op's forward and its pullback for a fixed random cotangent."""
+    """A jitted function running op's forward and its pullback for a fixed random cotangent.
+
+    It returns the forward's output too, as a layer's is used downstream: otherwise XLA drops
+    whatever of the forward the pullback does not need. A gradient the pullback gives for two
+    inputs (rmsnorm+residual's d(x) is d(residual)) is returned once: returning one array twice
+    makes XLA copy it, which the op itself never does.
+    """
 
     def run(args, cotangent):
         out, pullback = jax.vjp(op, *args)
-        return pullback(cotangent)
+        return out, list({id(g): g for g in pullback(cotangent)}.values())
 
     return jax.jit(run)
 
@@ -113,15 +149,19 @@ def _cotangent(op, args):
 # ----------------------------------------------------------------------------- ceilings
 
 
+def _ceiling_seconds(fn, args, opts):
+    return _kernel_seconds(fn, [args], opts.calls) or _median_seconds(fn, [args], opts.calls, opts.samples, opts.warmup)
+
+
 def measure_ceilings(small, opts):
     n = (1 << 16) if small else (1 << 29)  # bf16 elements: 1 GiB on the GPU
     x = jnp.ones((n,), jnp.bfloat16)
     copy = jax.jit(lambda x: x + 1)
-    copy_s = _median_seconds(copy, (x,), opts.calls, opts.samples, opts.warmup)
+    copy_s = _ceiling_seconds(copy, (x,), opts)
     m = 256 if small else 8192
     a = jnp.ones((m, m), jnp.bfloat16)
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    mm_s = _median_seconds(matmul, (a, a), opts.calls, opts.samples, opts.warmup)
+    mm_s = _ceiling_seconds(matmul, (a, a), opts)
     return {"GB/s": 2 * n * 2 / copy_s / 1e9, "TFLOP/s": 2 * m**3 / mm_s / 1e12}
 
 
@@ -258,20 +298,25 @@ def run_case(case: Case, ceilings, opts):
                     fn, args = jax.jit(op), case.args
                 else:
                     fn, args = _forward_backward(op), (case.args, _cotangent(op, case.args))
-                seconds = _median_seconds(fn, args, opts.calls, opts.samples, opts.warmup)
+                arg_sets = _input_copies(args)
+                seconds = _median_seconds(fn, arg_sets, opts.calls, opts.samples, opts.warmup)
+                kernel_seconds = _kernel_seconds(fn, arg_sets, opts.calls * opts.samples)
+                del arg_sets
                 temp = _temp_bytes(fn, args)
-                rate = work / seconds / (1e9 if case.unit == "GB/s" else 1e12)
-                rows.append((case.op, impl, phase, f"{seconds * 1e3:9.3f}", f"{rate:9.4g} {case.unit}",
+                rate = work / (kernel_seconds or seconds) / (1e9 if case.unit == "GB/s" else 1e12)
+                rows.append((case.op, impl, phase, f"{seconds * 1e3:9.3f}",
+                             "-" if kernel_seconds is None else f"{kernel_seconds * 1e3:9.3f}",
+                             f"{rate:9.4g} {case.unit}",
                              f"{100 * rate / ceilings[case.unit]:5.1f}%",
                              "-" if temp is None else f"{temp / 2**20:9.1f}"))
             except Exception as e:  # keep the rest of the table when one implementation fails
                 message = f"{type(e).__name__}: {e}".splitlines()[0][:90]
-                rows.append((case.op, impl, phase, "FAILED", message, "", ""))
+                rows.append((case.op, impl, phase, "FAILED", "", message, "", ""))
     return rows
 
 
 def print_table(title, rows):
-    header = ("op", "impl", "pass", "ms", "achieved", "of ceiling", "temp MiB")
+    header = ("op", "impl", "pass", "ms", "kernel ms", "achieved", "of ceiling", "temp MiB")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"\n## {title}\n")
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
