@@ -301,7 +301,6 @@ def run_case(case: Case, ceilings, opts):
                 arg_sets = _input_copies(args)
                 seconds = _median_seconds(fn, arg_sets, opts.calls, opts.samples, opts.warmup)
                 kernel_seconds = _kernel_seconds(fn, arg_sets, opts.calls * opts.samples)
-                del arg_sets
                 temp = _temp_bytes(fn, args)
                 rate = work / (kernel_seconds or seconds) / (1e9 if case.unit == "GB/s" else 1e12)
                 rows.append((case.op, impl, phase, f"{seconds * 1e3:9.3f}",
