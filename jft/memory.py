@@ -63,11 +63,9 @@ def _allocator_request(text: str) -> str | None:
     """XLA:GPU's allocator names the size in binary units: "trying to allocate 256.02GiB"."""
     found = re.search(r"trying to allocate ([\d.]+) ?([KMGT])i?B", text)
     if found:
-        return f"XLA could not allocate {format_bytes(float(found.group(1)) * _BINARY_UNITS[found.group(2)])}"
+        size = float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1)
+        return f"XLA could not allocate {format_bytes(size)}"
     return None
-
-
-_BINARY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def quantize_option(params, loader: str = "jft.load") -> list[str]:
