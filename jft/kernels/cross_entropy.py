@@ -356,7 +356,7 @@ def _make(tiles):
         ignore_index: int = -100,
         softcap: float | None = None,
         logit_scale: float = 1.0,
-        chunk_size: int = 1024,
+        chunk_size: int = 4096,
         vocab_chunk_size: int = 8192,
     ):
         cfg = _Config(
