@@ -8,9 +8,9 @@
 reads them from memory, not from the cache the call before left them in. On a GPU, "kernel ms" is
 the time the GPU spent in the call's kernels (the profiler's durations): for ops of tens of
 microseconds the wall clock also counts the host's dispatch, which varies between runs. Rates and
-ceilings use the kernel time where there is one. Memory-bound ops report GB/s of the minimal HBM traffic against a copy measured in
-the same run; matmul-bound ops report TFLOP/s of useful work against a bf16 matmul measured in the
-same run. "fwd+bwd" runs jax.vjp and the pullback together.
+ceilings use the kernel time where there is one. Memory-bound ops report GB/s of the minimal HBM
+traffic against a copy measured in the same run; matmul-bound ops report TFLOP/s of useful work
+against a bf16 matmul measured in the same run. "fwd+bwd" runs jax.vjp and the pullback together.
 A row whose implementation fails to compile or run prints the error instead of a time.
 """
 
